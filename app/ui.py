@@ -1,0 +1,211 @@
+"""The Gradio page. Thin: layout and wiring only; all computing is in `app/callbacks.py`.
+
+Per-user state is the page's own component values (chosen model, phrases, controls); the only shared objects are the
+model registry (read-only models, loaded lazily, one lock per model) and the grounders' encoding caches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from . import callbacks as cb
+from .models import ModelRegistry, ModelUnavailable
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TITLE = "X-VLM visual grounding"
+
+INTRO = """# X-VLM visual grounding
+Type one phrase per line; each phrase gets a **box** (bbox head), a **patch-level ITC heatmap** (image / region /
+objects granularity) and an **ITM Grad-CAM** map. Model: X-VLM, *Multi-Grained Vision Language Pre-Training*
+(Zeng et al., ICML 2022)."""
+
+HOW_TO_READ = f"""
+**ITC (image-text contrastive).** The image and the phrase are encoded separately and projected into one small
+space (`vision_proj`, `text_proj`, L2-normalised). Their cosine similarity is the ITC score: high when the phrase
+describes what is seen. X-VLM computes it at three granularities:
+- *image*: the image's [CLS] feature (the mean of all patch tokens) vs. the phrase, shown as **ITC(image)**;
+- *region*: a box's **visual concept** vs. the phrase, shown as **ITC(region)** for the predicted box;
+- *objects*: every phrase's box is a concept; the phrase × box matrix tells whether each phrase prefers its own box.
+
+**The patch heatmap.** Each 32×32-pixel patch token of the model input is projected on its own and compared with
+the phrase: red patches look most like the phrase, blue least (one color scale shared by all phrases of a request).
+A region's concept is the **mean of its patch tokens, projected** (`vision_proj` is linear, so it is the mean of
+the projected patches before normalisation). ITC(region) is therefore close to, but not equal to, the average of
+the heatmap over the box's patches (the region view greys out the other patches): patches with larger features
+weigh more, and the result is normalised again.
+
+**ITM (image-text matching).** The phrase attends to the whole image through the fusion layers (cross-attention);
+the ITM head reads the fused [CLS] and gives the probability that image and phrase match. The **Grad-CAM** map shows
+which patches that decision used: cross-attention weights × their positive gradients, at the chosen fusion layer.
+
+**The bbox head.** From the same fused [CLS], it regresses the box (center, width, height) directly — there are no
+proposals. The box, ITM and ITC come from different heads: a box can be right while ITC is low, and vice versa.
+
+**Limits of this demo.** At most {cb.MAX_PHRASES} phrases of {cb.MAX_PHRASE_CHARS} characters per request;
+images up to {cb.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels and {cb.MAX_FILE_SIZE.upper()} per upload. The model reads at
+most 30 words / 40 tokens of a phrase, lower-cased, without punctuation. Changing only the phrases re-uses the image's
+encoding.
+"""
+
+CSS = """
+#status {min-height: 1.5em}
+.note {font-size: 0.92em; opacity: 0.9}
+"""
+
+
+def theme() -> gr.themes.Base:
+    """System fonts only: the page loads nothing from the internet."""
+    return gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def launch_kwargs() -> dict:
+    return {"max_file_size": cb.MAX_FILE_SIZE, "show_error": True, "theme": theme(), "css": CSS}
+
+
+def _hidden(note: str):
+    return gr.update(value=note, visible=bool(note))
+
+
+def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
+               out_dir: str | Path | None = None) -> gr.Blocks:
+    """The page for the registry's models; `out_dir` receives the downloadable JSON files (default: a temp folder)."""
+    if len(registry) == 0:  # pragma: no cover - app.py refuses to start without a model
+        raise ModelUnavailable("no model to serve")
+    examples = cb.load_examples(assets_dir)
+
+    def run(model_name, image, phrases, granularity, alpha, layer, want_cam=True):
+        try:
+            g = registry.get(model_name)
+        except ModelUnavailable as e:
+            view = cb.View.error(str(e))
+        else:
+            view = cb.ground_and_render(g, image, phrases, granularity, alpha, layer,
+                                        lock=registry.lock(model_name or registry.default), out_dir=out_dir,
+                                        gradcam=bool(want_cam))
+        if not view.ok:
+            gr.Warning(view.message.replace("⚠️ ", "").replace("**", ""))
+        return _outputs(view, granularity)
+
+    def rerun(model_name, image, phrases, granularity, alpha, layer, want_cam=True):
+        """A control changed: redraw if there is something to redraw, stay quiet otherwise."""
+        if image is None or not isinstance(phrases, str) or not phrases.strip():
+            return [gr.skip()] * 13
+        return run(model_name, image, phrases, granularity, alpha, layer, want_cam)
+
+    def model_changed(model_name):
+        try:
+            g = registry.get(model_name)
+        except ModelUnavailable as e:
+            gr.Warning(str(e))
+            return f"⚠️ **{e}**", gr.update(choices=[], value=None, visible=False)
+        if g.capabilities["gradcam"]:
+            layer_update = gr.update(choices=cb.layer_choices(g), value=cb.default_layer(g), visible=True)
+        else:
+            layer_update = gr.update(choices=[], value=None, visible=False)
+        return cb.describe_model(g), layer_update
+
+    def api_ground(image, phrases):
+        try:
+            g = registry.get(registry.default)
+            return cb.ground_json(g, image, phrases, lock=registry.lock(registry.default))
+        except (cb.InputError, ModelUnavailable) as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=False):
+            model_dd = gr.Dropdown(registry.names, value=registry.default, label="Model", scale=1,
+                                   visible=len(registry) > 1, interactive=True)
+            model_info = gr.Markdown("*loading the model…*", elem_classes="note")
+        with gr.Accordion("How to read this", open=False):
+            gr.Markdown(HOW_TO_READ)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                image_in = gr.Image(sources=["upload", "clipboard", "webcam"], type="pil", image_mode=None,
+                                    label="Image (upload, paste or webcam)", height=340, elem_id="image-in")
+                phrases_in = gr.Textbox(label=f"Phrases, one per line (at most {cb.MAX_PHRASES})", lines=3,
+                                        max_lines=cb.MAX_PHRASES, placeholder="the red circle\na small blue square",
+                                        elem_id="phrases-in")
+                with gr.Row():
+                    clear_btn = gr.ClearButton(value="Clear")
+                    submit = gr.Button("Ground", variant="primary", elem_id="ground-btn")
+                ex = (gr.Examples(examples, inputs=[image_in, phrases_in], label="Examples (click one to ground it)",
+                                  cache_examples=False, examples_per_page=4) if examples else None)
+            with gr.Column(scale=6):
+                annotated = gr.Image(label="Boxes (one color per phrase; label: ITM · ITC(image))", type="numpy",
+                                     interactive=False, format="png", elem_id="boxes-out", height=420)
+                status = gr.Markdown(elem_id="status")
+                box_note = gr.Markdown(visible=False, elem_classes="note")
+        with gr.Row(equal_height=True):
+            granularity = gr.Radio(list(cb.GRANULARITIES), value="image", label="Heatmap granularity", scale=3,
+                                   info="image: all patches · region: the box's patches · objects: phrase × box")
+            alpha = gr.Slider(0.0, 1.0, value=cb.DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", scale=2)
+            with gr.Column(scale=2, min_width=200):
+                want_cam = gr.Checkbox(True, label="ITM Grad-CAM", info="one backward pass per phrase")
+                layer = gr.Dropdown([], label="Grad-CAM layer (fusion layers)", interactive=True)
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                gr.Markdown("### Patch-ITC heatmaps")
+                itc_note = gr.Markdown(elem_classes="note")
+                itc_gallery = gr.Gallery(label="patch ITC per phrase", columns=3, height="auto", format="png",
+                                         object_fit="contain", elem_id="itc-gallery")
+            with gr.Column():
+                gr.Markdown("### ITM Grad-CAM")
+                gradcam_note = gr.Markdown(elem_classes="note")
+                gradcam_gallery = gr.Gallery(label="Grad-CAM per phrase", columns=3, height="auto", format="png",
+                                             object_fit="contain", elem_id="gradcam-gallery")
+        with gr.Column(visible=False) as objects_panel:
+            gr.Markdown("### Objects: phrase × box ITC")
+            objects_note = gr.Markdown(elem_classes="note")
+            with gr.Row(equal_height=False):
+                objects_plot = gr.Plot(label="ITC(phrase, box)", format="png", elem_id="objects-plot")
+                objects_table = gr.Dataframe(label="ITC(phrase i, box j)", interactive=False, wrap=True)
+        gr.Markdown("### Scores")
+        with gr.Row(equal_height=False):
+            scores = gr.Dataframe(headers=cb.SCORE_HEADERS, label="per phrase", interactive=False, wrap=True,
+                                  elem_id="scores", scale=4)
+            json_file = gr.File(label="Everything shown, as JSON", interactive=False, elem_id="json-out",
+                                height=120, scale=1, min_width=220)
+
+        # the API: image file + phrases (one per line) -> JSON, with the default model:
+        #   gradio_client.Client(url).predict(handle_file(path), "phrase 1\nphrase 2", api_name="/ground")
+        with gr.Row(visible=False):
+            api_image = gr.Image(type="filepath", label="image")
+            api_phrases = gr.Textbox(label="phrases (one per line)")
+            api_out = gr.JSON(label="grounding")
+            api_btn = gr.Button("ground")
+        api_btn.click(api_ground, [api_image, api_phrases], api_out, api_name="ground", preprocess=False,
+                      api_description="Ground phrases (one per line) in an image with the default model: boxes "
+                                      "(pixels, xyxy), ITC (image, region, objects), ITM, patch heatmaps.")
+
+        inputs = [model_dd, image_in, phrases_in, granularity, alpha, layer, want_cam]
+        outputs = [annotated, box_note, status, itc_note, itc_gallery, gradcam_note, gradcam_gallery, objects_panel,
+                   objects_note, objects_plot, objects_table, scores, json_file]
+        ev = dict(fn=run, inputs=inputs, outputs=outputs, preprocess=False, api_visibility="private",
+                  concurrency_id="ground")
+        submit.click(**ev)
+        phrases_in.submit(**ev)
+        quiet = {**ev, "fn": rerun, "trigger_mode": "always_last"}
+        granularity.change(**quiet)
+        alpha.release(**quiet)
+        layer.input(**quiet)
+        want_cam.input(**quiet)
+        if ex is not None:
+            ex.load_input_event.then(**ev)
+        clear_btn.add([image_in, phrases_in, annotated, status, itc_gallery, gradcam_gallery, scores, json_file])
+        model_dd.change(model_changed, model_dd, [model_info, layer], api_visibility="private").then(**quiet)
+        demo.load(model_changed, model_dd, [model_info, layer], api_visibility="private")
+    return demo
+
+
+def _outputs(view: cb.View, granularity) -> list:
+    if not view.ok:
+        return [None, _hidden(""), view.message, "", [], "", [], gr.update(visible=False), "", None,
+                None, None, None]
+    show_objects = granularity == "objects"
+    return [view.annotated, _hidden(view.box_note), view.message, view.itc_note, view.itc_gallery,
+            view.gradcam_note, view.gradcam_gallery, gr.update(visible=show_objects), view.objects_note,
+            view.objects_figure if show_objects else None,
+            view.objects_table if show_objects else None, view.scores, view.json_path]

@@ -1,0 +1,128 @@
+"""The page in a real browser: Debian's chromium driven by Playwright. Clicks an example (it grounds at once), switches
+to the objects view and saves a screenshot to test-artifacts/app.png, uploads an image and grounds typed phrases, and
+sends a bad request."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+
+from app import callbacks as cb  # noqa: E402
+from app.models import ModelRegistry  # noqa: E402
+from app.ui import build_demo, launch_kwargs  # noqa: E402
+from xvlm import Grounder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+F = ROOT / "tests" / "fixtures" / "official-xvlm-small"
+ARTIFACTS = ROOT / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+TIMEOUT_MS = 60_000      # generous: the CI machine may be busy
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assets(tmp: Path) -> Path:
+    """The repository's assets/ when it has examples, else a folder with one example made here."""
+    if cb.load_examples(ROOT / "assets"):
+        return ROOT / "assets"
+    shutil.copy(F / "img_c.png", tmp / "shapes.png")
+    (tmp / "examples.json").write_text(json.dumps([{"image": "shapes.png",
+                                                    "phrases": ["the red circle", "a blue rectangle"]}]))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    return _assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def url(assets, tmp_path_factory):
+    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
+                               device="cpu", name="fixture (random weights)")
+    demo = build_demo(ModelRegistry(grounders={"fixture (random weights)": g}),
+                      assets_dir=assets, out_dir=tmp_path_factory.mktemp("json"))
+    demo.queue(default_concurrency_limit=cb.QUEUE_CONCURRENCY, max_size=cb.QUEUE_MAX_SIZE)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(TIMEOUT_MS)
+            pg.goto(url, wait_until="domcontentloaded")
+            pg.locator("#ground-btn").wait_for(state="visible")
+            yield pg
+        finally:
+            browser.close()
+
+
+def _wait_outputs(pg, n_phrases: int) -> None:
+    pg.locator("#boxes-out img").first.wait_for(state="visible")
+    pg.wait_for_function(
+        """n => ['#itc-gallery', '#gradcam-gallery'].every(
+                  id => document.querySelectorAll(id + ' .thumbnail-item img, ' + id + ' img').length >= n)""",
+        arg=n_phrases)
+
+
+def test_example_objects_view_upload_and_a_bad_request(page, assets, tmp_path):
+    # 1. an example: clicking it fills the inputs and grounds at once (boxes, ITC and Grad-CAM galleries)
+    n = len(cb.load_examples(assets)[0][1].splitlines())
+    page.locator("[data-testid='dataset-cell-0-0'], tr.tr-body, .gallery-item").first.click()
+    _wait_outputs(page, n)
+    assert f"Grounded {n} phrase" in page.locator("#status").inner_text()
+
+    # 2. the objects granularity adds the phrase x box matrix
+    page.get_by_label("objects").check()
+    page.get_by_text("Objects: phrase × box ITC").wait_for(state="visible")
+    page.wait_for_function("() => document.body.innerText.includes('ITC with boxes')")
+    page.locator("#objects-plot img, #objects-plot svg, #objects-plot canvas").first.wait_for(state="visible")
+    _wait_outputs(page, n)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+    # 3. upload an image and type phrases (non-Latin and emoji included)
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (320, 240), "white")
+    ImageDraw.Draw(im).ellipse((40, 60, 140, 160), fill="red")
+    ImageDraw.Draw(im).rectangle((190, 40, 290, 110), fill="blue")
+    path = tmp_path / "upload.png"
+    im.save(path)
+    page.locator("#image-in input[type=file]").set_input_files(str(path))
+    page.locator("#phrases-in textarea").fill("the blue rectangle\nкрасный круг 😀")
+    page.locator("#ground-btn").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('320x240')")
+    _wait_outputs(page, 2)
+    scores = page.locator("#scores").inner_text()
+    assert "the blue rectangle" in scores and "красный круг" in scores
+    assert page.locator("#json-out a").count() >= 1          # the JSON download link
+
+    # 4. a bad request answers in the page
+    page.locator("#phrases-in textarea").fill("   ")
+    page.locator("#ground-btn").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('No phrase')")
+    assert page.locator("#ground-btn").is_enabled()

@@ -1,0 +1,85 @@
+"""The demo served on a loopback port with the fixture model, called through gradio_client."""
+from __future__ import annotations
+
+import math
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from app import callbacks as cb  # noqa: E402
+from app.models import ModelRegistry  # noqa: E402
+from app.ui import build_demo, launch_kwargs  # noqa: E402
+from xvlm import Grounder  # noqa: E402
+
+F = Path(__file__).resolve().parent / "fixtures" / "official-xvlm-small"
+IMG = F / "img_a.png"   # 640 x 480
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
+                               device="cpu", name="fixture")
+    registry = ModelRegistry(grounders={"fixture": g})
+    demo = build_demo(registry, assets_dir=tmp_path_factory.mktemp("no-assets"),
+                      out_dir=tmp_path_factory.mktemp("json"))
+    demo.queue(default_concurrency_limit=cb.QUEUE_CONCURRENCY, max_size=cb.QUEUE_MAX_SIZE)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs())
+    try:
+        yield demo, f"http://127.0.0.1:{port}/", g
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def test_ground_endpoint_returns_boxes_inside_the_image(server, client):
+    phrases = ["The RED circle on the left.", "blue-ish rectangles, top/right"]
+    out = client.predict(handle_file(str(IMG)), "\n".join(phrases), api_name="/ground")
+    assert out["model"] == "fixture" and out["image"] == {"width": 640, "height": 480}
+    assert out["phrases"] == phrases and len(out["results"]) == 2
+    direct = server[2].ground(str(IMG), phrases)
+    for row, r in zip(out["results"], direct):
+        assert len(row["box_xyxy"]) == 4 and all(math.isfinite(v) for v in row["box_xyxy"])
+        assert row["box_xyxy"] == pytest.approx(r.box_xyxy, abs=1e-4)
+        x0, y0, x1, y1 = row["box_xyxy_clipped"]
+        assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480      # a box with area, inside the image
+        assert -1 <= row["itc_image"] <= 1 and 0 <= row["itm"] <= 1
+        assert len(row["patch_heatmap"]) == 12
+    assert len(out["objects"]["itc"]) == 2
+
+
+def test_bad_requests_get_readable_errors_and_the_server_stays_up(client, tmp_path):
+    with pytest.raises(AppError, match="No phrase"):
+        client.predict(handle_file(str(IMG)), "   ", api_name="/ground")
+    with pytest.raises(AppError, match=f"at most {cb.MAX_PHRASES}"):
+        client.predict(handle_file(str(IMG)), "\n".join(["a square"] * 200), api_name="/ground")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(AppError, match="cannot read"):
+        client.predict(handle_file(str(broken)), "a square", api_name="/ground")
+    ok = client.predict(handle_file(str(IMG)), "красный круг 😀", api_name="/ground")
+    assert ok["phrases"] == ["красный круг 😀"]
+
+
+def test_only_the_ground_endpoint_is_public_and_limits_are_set(server, client):
+    demo = server[0]
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/ground"]
+    assert demo.max_file_size == 25 * 1024 * 1024
+    assert demo._queue.max_size == cb.QUEUE_MAX_SIZE
+    assert demo._queue.default_concurrency_limit == cb.QUEUE_CONCURRENCY

@@ -1,0 +1,201 @@
+"""Regression guards for the demo's latency design (no timings): the vision encoder runs once per image, N phrases
+share ONE batched text/fusion pass and one projection of the image's cross-attention keys/values, and
+`python -m xvlm bench` runs end to end."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xvlm import Grounder, bench
+from xvlm.preprocess import Tokenizer
+
+torch.set_num_threads(1)   # 2 shared cores: intra-op threads only contend
+REPO = Path(__file__).resolve().parent.parent
+F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
+PHRASES = bench.PHRASES[:5]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench-models")
+    tiny = bench.tiny_grounder("cpu", tmp)
+    official = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml",
+                                      tokenizer=F / "vocab.txt", device="cpu")
+    return {"tiny": tiny, "official-small": official}
+
+
+@pytest.fixture(params=["tiny", "official-small"])
+def g(request, models) -> Grounder:
+    """A fresh Grounder (empty cache, zero counters) around the module's model."""
+    base = models[request.param]
+    return Grounder(base.model, base.tokenizer, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory) -> Path:
+    return bench.write_synthetic_image(tmp_path_factory.mktemp("img") / "scene.png", size=(96, 64))
+
+
+class Calls:
+    """Records the batch size (first dim of the first tensor argument) of every forward of a module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.batches: list[tuple[int, ...]] = []
+        self.handle = module.register_forward_hook(lambda m, args, out: self.batches.append(tuple(args[0].shape)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# --- the vision encoder runs once per image -----------------------------------------------------------------------
+def test_vision_encoder_runs_once_for_many_phrases_and_any_input_type(g, png):
+    with Calls(g.model.vision_encoder) as vision:
+        results = g.ground(png, PHRASES)
+        assert len(results) == len(PHRASES)
+        assert len(vision.batches) == 1 and g.stats["vision_passes"] == 1
+
+        pil = Image.open(png)
+        for same_image in (png, str(png), pil, pil.copy(), np.asarray(pil.convert("RGB")), png):
+            g.ground(same_image, PHRASES[1])
+            g.ground(same_image, PHRASES[:3])
+        assert len(vision.batches) == 1 and g.stats["vision_passes"] == 1, "a cached image was encoded again"
+
+        other = np.asarray(pil.convert("RGB")).copy()
+        other[0, 0] = 255 - other[0, 0]                    # one pixel differs: a different image
+        g.ground(other, PHRASES[0])
+        assert len(vision.batches) == 2 and g.stats["vision_passes"] == 2
+
+
+def test_concept_scores_reuse_the_cached_encoding(models, png):
+    base = models["official-small"]
+    g = Grounder(base.model, base.tokenizer, device="cpu")
+    r = g.ground(png, PHRASES[:2])
+    with Calls(g.model.vision_encoder) as vision:
+        g.concept_scores(png, PHRASES[:2], [x.box_xyxy for x in r])
+    assert vision.batches == [] and g.stats["vision_passes"] == 1
+
+
+# --- N phrases: one batched text/fusion pass ----------------------------------------------------------------------
+def test_phrases_share_one_batched_fusion_pass(g, png, monkeypatch):
+    te = g.model.text_encoder
+    fuse_batches = []
+    real_fuse = te.fuse
+
+    def counting_fuse(text_embeds, *args, **kw):
+        fuse_batches.append(text_embeds.shape[0])
+        return real_fuse(text_embeds, *args, **kw)
+
+    monkeypatch.setattr(te, "fuse", counting_fuse)        # instance attribute: XVLM.fuse calls it
+    g.ground(png, PHRASES[0])                             # fill the cache; count the cached query only
+    fuse_batches.clear()
+    n = len(PHRASES)
+    heads = [getattr(g.model, h) for h in ("bbox_head", "itm_head") if hasattr(g.model, h)]
+    hooks = [Calls(h) for h in heads]
+    fusion = [Calls(layer) for layer in te.fusion_layers]
+    try:
+        g.ground(png, PHRASES)
+    finally:
+        for c in hooks + fusion:
+            c.handle.remove()
+    assert fuse_batches == [n], f"expected one fusion pass of batch {n}, got {fuse_batches}"
+    for c in hooks:
+        assert [b[0] for b in c.batches] == [n]
+    for c in fusion:
+        assert [b[0] for b in c.batches] == [n]
+
+
+def test_cross_attention_projects_the_image_once_for_all_phrases(g, png):
+    """ImageContext: each fusion layer projects the image's patch tokens to keys/values once (batch 1), and only the
+    per-phrase [CLS] row N times — not N copies of the whole image."""
+    g.ground(png, PHRASES[0])
+    n_patches = g.grid_size ** 2
+    layer = g.model.text_encoder.fusion_layers[0].crossattention.self
+    with Calls(layer.key) as key, Calls(layer.value) as value:
+        g.ground(png, PHRASES)
+    for calls in (key, value):
+        patch_calls = [s for s in calls.batches if len(s) == 3]
+        assert patch_calls == [(1, n_patches, g.model.cfg.vision.width)], calls.batches
+        assert [s for s in calls.batches if len(s) == 2] == [(len(PHRASES), g.model.cfg.vision.width)]
+
+
+def test_text_encoder_runs_once_per_query(models, png, monkeypatch):
+    base = models["official-small"]
+    g = Grounder(base.model, base.tokenizer, device="cpu")
+    g.ground(png, PHRASES[0])
+    calls = []
+    real = g.model.text_encoder.encode_text
+    monkeypatch.setattr(g.model.text_encoder, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g.ground(png, PHRASES)
+    assert len(calls) == 1
+
+
+# --- the bench command ----------------------------------------------------------------------------------------------
+HEADERS = ["median ms", "IQR ms", "min ms", "max ms", "first query (uncached", "follow-up query (cached",
+           "8 phrases batched", "cache-hit lookup", "end-to-end, new image", "end-to-end, cached image",
+           "memory: model loaded", "memory: peak", "cached speedup", "8 phrases batched / 1 phrase cached",
+           "torch threads 1", "device cpu"]
+
+
+def test_bench_command_runs_end_to_end():
+    argv = [sys.executable, "-m", "xvlm", "bench", "--models", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)   # a hang guard, not a timing
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for h in HEADERS:
+        assert h in proc.stdout, f"{h!r} missing from:\n{proc.stdout}"
+    assert "WARNING" not in proc.stdout
+    assert "vision encoder passes while timing: 2 for 2 uncached" in proc.stdout
+
+
+def test_bench_markdown_appends_and_skips_missing_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "DEFAULT_MODEL_DIR", tmp_path / "no-model-here")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# existing\n")
+    assert bench.main(["--models", "default,tiny", "--repeats", "2", "--warmup", "0", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped default" in out and "no-model-here" in out
+    text = md.read_text()
+    assert text.startswith("# existing\n")
+    assert "| query | median ms | IQR ms (q1-q3) | min ms | max ms | n |" in text
+    assert "python -m xvlm bench --models default,tiny" in text and "skipped default" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.endswith(" 2 |")]
+    assert len(rows) == 6
+
+
+def test_bench_with_only_a_missing_model_fails_cleanly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "DEFAULT_MODEL_DIR", tmp_path / "missing")
+    assert bench.main(["--models", "default", "--repeats", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped default" in captured.out and "no model was benchmarked" in captured.err
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert bench.main(["--repeats", "0"]) == 2
+    assert bench.main(["--models", " "]) == 2
+
+
+def test_synthetic_vocab_is_bert_base_sized(tmp_path):
+    path = bench.write_synthetic_vocab(tmp_path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 30522
+    tok = Tokenizer(path)
+    assert tok.vocab_size == 30522
+    batch = tok(bench.PHRASES)
+    assert "[UNK]" not in {t for p in bench.PHRASES for t in tok.tokens(p)}
+    assert batch.input_ids.shape[0] == len(bench.PHRASES)
+
+
+def test_timing_statistics():
+    t = bench.Timing("x", [0.004, 0.001, 0.003, 0.002])
+    assert t.median == pytest.approx(2.5) and t.min == pytest.approx(1) and t.max == pytest.approx(4)
+    assert t.q1 == pytest.approx(1.75) and t.q3 == pytest.approx(3.25)
+    cells = bench.timing_cells(t)
+    assert cells[0] == "x" and cells[-1] == "4"

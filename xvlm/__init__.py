@@ -1,0 +1,5 @@
+"""X-VLM visual grounding: the model, official-checkpoint loading, the Grounder API, training and evaluation."""
+from .grounder import Grounder, GroundingResult
+from .preprocess import InputError
+
+__all__ = ["Grounder", "GroundingResult", "InputError"]

@@ -1,0 +1,228 @@
+"""`python -m xvlm <command>`: ground phrases in an image; train / eval / bench are dispatched lazily.
+
+    python -m xvlm ground IMAGE PHRASE [PHRASE ...] [--model DIR | --checkpoint CKPT (--config YAML | --preset NAME)
+                          --tokenizer VOCAB] [--json [--heatmaps]] [--out figure.png] [--gradcam-layer N]
+                          [--device cpu|cuda]
+    python -m xvlm train|eval|bench ...      (xvlm.train / xvlm.evaluate / xvlm.bench parse their own arguments)
+
+User errors (missing or unreadable files, empty phrases, checkpoints that do not fit) print one line on stderr and
+exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+# command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
+LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench"}
+HEATMAP_KEYS = ("patch_heatmap", "region_mask")
+
+USAGE = """usage: python -m xvlm <command> [args]
+
+commands:
+  ground   ground phrases in an image (python -m xvlm ground --help)
+  train    train a model (xvlm.train)
+  eval     evaluate a model (xvlm.evaluate)
+  bench    benchmark a model (xvlm.bench)
+"""
+
+
+class UsageError(ValueError):
+    """A bad command line; shown as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .preprocess import InputError
+
+    return (InputError, CheckpointError, FileNotFoundError, IsADirectoryError, NotImplementedError, ValueError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.removeprefix("[Errno 2] ")
+
+
+def _fail(msg: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+# --- ground ------------------------------------------------------------------------------------------------------
+def ground_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m xvlm ground",
+        description="Ground phrases in an image with X-VLM: a box per phrase, ITC (image / region) and ITM scores.")
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("phrases", nargs="+", metavar="PHRASE", help="one or more referring phrases")
+    src = p.add_argument_group("model (default: the shipped model in weights/)")
+    src.add_argument("--model", metavar="DIR", help="a model folder saved by save_pretrained "
+                                                    "(config.json, model.safetensors, vocab.txt)")
+    src.add_argument("--checkpoint", metavar="CKPT", help="an official X-VLM checkpoint (.pth/.th)")
+    src.add_argument("--config", metavar="YAML", help="the official task YAML of --checkpoint")
+    src.add_argument("--preset", metavar="NAME", help="a built-in configuration for --checkpoint instead of --config")
+    src.add_argument("--tokenizer", metavar="VOCAB", help="BERT vocab.txt (or its folder) for --checkpoint")
+    src.add_argument("--scorer-checkpoint", metavar="CKPT",
+                     help="a second official checkpoint with ITC/ITM heads to score the boxes of --checkpoint")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object per phrase and line")
+    out.add_argument("--heatmaps", action="store_true", help="with --json: include patch_heatmap and region_mask")
+    out.add_argument("--out", metavar="FIGURE", help="save the per-phrase heatmap figure (.png, .pdf, .svg)")
+    out.add_argument("--gradcam-layer", type=int, metavar="N",
+                     help="fusion layer for the ITM Grad-CAM column of --out (default: the middle fusion layer)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    return p
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    if a.model and a.checkpoint:
+        raise UsageError("give either --model or --checkpoint, not both")
+    if a.checkpoint:
+        if (a.config is None) == (a.preset is None):
+            raise UsageError("--checkpoint needs exactly one of --config YAML or --preset NAME")
+        if a.tokenizer is None:
+            raise UsageError("--checkpoint needs --tokenizer (the bert-base-uncased vocab.txt or its folder)")
+        for flag, path in (("--checkpoint", a.checkpoint), ("--config", a.config), ("--tokenizer", a.tokenizer),
+                           ("--scorer-checkpoint", a.scorer_checkpoint)):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{flag} file not found: {path}")
+    elif a.config or a.preset or a.tokenizer or a.scorer_checkpoint:
+        raise UsageError("--config, --preset, --tokenizer and --scorer-checkpoint go with --checkpoint")
+    if a.model and not Path(a.model).is_dir():
+        raise FileNotFoundError(f"--model folder not found: {a.model}")
+    if a.heatmaps and not a.json:
+        raise UsageError("--heatmaps goes with --json")
+    if a.out is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        ext = Path(a.out).suffix.lower().lstrip(".")
+        supported = FigureCanvasBase.get_supported_filetypes()
+        if ext not in supported:
+            raise UsageError(f"--out {a.out}: unsupported figure format {ext!r}; use one of .png, .pdf, .svg, .jpg")
+
+
+def _load_grounder(a: argparse.Namespace):
+    from .grounder import Grounder
+
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+    if a.checkpoint:
+        return Grounder.from_official(a.checkpoint, config=a.config, preset=a.preset, tokenizer=a.tokenizer,
+                                      scorer_checkpoint=a.scorer_checkpoint, device=a.device)
+    try:
+        return Grounder.from_pretrained(a.model, device=a.device)
+    except FileNotFoundError as e:
+        if a.model is None:
+            raise FileNotFoundError(f"{e}. Or pass a model: --model DIR, or --checkpoint CKPT --config YAML "
+                                    "--tokenizer VOCAB") from e
+        raise
+
+
+def compute_gradcams(g, image, phrases: list[str], layer: int | None = None) -> dict:
+    """{phrase: (G, G) Grad-CAM} for the figure's ITM column (one image encoding, shared through the cache)."""
+    return {p: g.gradcam(image, p, layer=layer) for p in dict.fromkeys(phrases)}
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_table(results, image_name: str, model_name: str) -> str:
+    """A readable block per phrase: box in pixels, ITC image / region, ITM, notes."""
+    W, H = results[0].image_size
+    lines = [f"image: {image_name} ({W}x{H})   model: {model_name}", ""]
+    for i, r in enumerate(results, 1):
+        box = ("n/a" if r.box_xyxy is None else
+               "x0 {:.1f}  y0 {:.1f}  x1 {:.1f}  y1 {:.1f}  ({:.0f}x{:.0f} px)".format(
+                   *r.box_xyxy, r.box_xyxy[2] - r.box_xyxy[0], r.box_xyxy[3] - r.box_xyxy[1]))
+        lines.append(f"[{i}] {r.phrase}")
+        if r.caption != r.phrase:
+            lines.append(f"    model text  : {r.caption}")
+        lines.append(f"    box (px)    : {box}")
+        lines.append(f"    ITC image   : {_fmt(r.itc_image)}")
+        lines.append(f"    ITC region  : {_fmt(r.itc_region)}")
+        lines.append(f"    ITM         : {_fmt(r.itm)}")
+        for k, v in r.notes.items():
+            lines.append(f"    note {k:<7}: {v}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def ground_main(argv: list[str]) -> int:
+    a = ground_parser().parse_args(argv)
+    try:
+        _check_args(a)
+        from .preprocess import check_phrase, load_image
+
+        # cheap input checks before the (slow) model load
+        phrases = [check_phrase(p) for p in a.phrases]
+        image = load_image(a.image)
+        g = _load_grounder(a)
+        results = g.ground(image, phrases)
+        cams = None
+        if a.out is not None:  # before printing anything: a bad --gradcam-layer fails without partial output
+            if g.capabilities.get("gradcam"):
+                cams = compute_gradcams(g, image, phrases, a.gradcam_layer)
+            elif a.gradcam_layer is not None:
+                print("warning: the model has no ITM head, so the figure has no Grad-CAM column", file=sys.stderr)
+        if a.json:
+            for r in results:
+                d = r.to_dict()
+                if not a.heatmaps:
+                    for k in HEATMAP_KEYS:
+                        d.pop(k, None)
+                print(json.dumps(d), flush=True)
+        else:
+            sys.stdout.write(format_table(results, Path(a.image).name, g.name))
+        if a.out is not None:
+            from .render import heatmap_figure, save_figure
+
+            path = save_figure(heatmap_figure(image, results, cams), a.out)
+            print(f"figure saved to {path}", file=sys.stderr)
+    except _user_errors() as e:
+        return _fail(_one_line(e))
+    except OSError as e:  # e.g. --out in a folder we may not write to
+        return _fail(_one_line(e), 1)
+    return 0
+
+
+# --- dispatch ----------------------------------------------------------------------------------------------------
+def _run_lazy(command: str, argv: list[str]) -> int:
+    module_name = LAZY_COMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        return _fail(f"command {command!r} is not available in this installation ({module_name} is missing)")
+    code = module.main(argv)
+    return 0 if code is None else int(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        sys.stderr.write(USAGE)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "ground":
+            return ground_main(rest)
+        if command in LAZY_COMMANDS:
+            return _run_lazy(command, rest)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    return _fail(f"unknown command {command!r}; choose one of: ground, {', '.join(LAZY_COMMANDS)}")
+
+
+__all__ = ["main", "ground_main", "ground_parser", "format_table", "compute_gradcams", "LAZY_COMMANDS"]

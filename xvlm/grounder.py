@@ -1,0 +1,381 @@
+"""The public API: `Grounder` grounds phrases in an image and returns the multi-grained X-VLM signals.
+
+Data path of `ground` (one image encoding, one batched text + fusion pass for all phrases):
+    image -> load_image -> image_to_tensor -> vision encoder (LRU-cached by pixel hash) -> tokens [1, 1+N, C]
+    phrases -> Tokenizer -> text encoder -> fusion over the whole image -> bbox head (box), itm head (ITM)
+    projected patch features x projected text [CLS] -> image / region / object ITC and the patch heatmap
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import box_ops
+from .checkpoint import load_official, load_pretrained
+from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
+from .models import XVLM, ImageContext, box_patch_mask, concept_cls
+from .preprocess import InputError, Tokenizer, check_phrase, image_to_tensor, load_image
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
+MAX_PHRASES = 32
+
+NO_BOX = "the model has no bbox head (e.g. the weakly-supervised grounding checkpoint)"
+NO_ITC = "the model has no ITC head (vision_proj/text_proj), e.g. the RefCOCO+ bbox checkpoint; pair it with a scorer"
+NO_ITM = "the model has no ITM head, e.g. the RefCOCO+ bbox checkpoint; pair it with a scorer"
+
+
+@dataclass
+class GroundingResult:
+    phrase: str
+    caption: str                                   # the text the model saw, after pre_caption
+    image_size: tuple[int, int]                    # (W, H) of the original image
+    box_xyxy: list[float] | None = None            # pixels of the original image
+    box_cxcywh: list[float] | None = None          # normalised, exactly the bbox head output
+    itc_image: float | None = None                 # cosine(image [CLS] feature, text [CLS] feature)
+    itc_region: float | None = None                # cosine(predicted-box concept feature, text feature)
+    itc_objects: list[float] | None = None         # cosine with each phrase's box concept, in phrase order
+    itm: float | None = None                       # ITM match probability
+    patch_heatmap: np.ndarray | None = None        # (G, G) cosine(vision_proj(patch), text_proj(text [CLS]))
+    region_mask: np.ndarray | None = None          # (G, G) bool: patches of the predicted box (its concept)
+    notes: dict[str, str] = field(default_factory=dict)   # why a field is None, truncation, ...
+
+    def to_dict(self) -> dict:
+        def arr(a):
+            return None if a is None else np.asarray(a).tolist()
+        return {"phrase": self.phrase, "caption": self.caption, "image_size": list(self.image_size),
+                "box_xyxy": self.box_xyxy, "box_cxcywh": self.box_cxcywh, "itc_image": self.itc_image,
+                "itc_region": self.itc_region, "itc_objects": self.itc_objects, "itm": self.itm,
+                "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes}
+
+
+@dataclass
+class ImageEncoding:
+    tokens: torch.Tensor                 # [1, 1+N, C] vision encoder output (token 0 = mean of patches)
+    size: tuple[int, int]                # (W, H) of the original image
+    nbytes: int
+
+
+class EncodingCache:
+    """Bounded LRU of image encodings, keyed by a hash of the decoded pixels and the model that encoded them."""
+
+    def __init__(self, max_entries: int = 16, max_bytes: int = 512 * 2**20):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict[str, ImageEncoding] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> ImageEncoding | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: str, item: ImageEncoding) -> None:
+        self._items[key] = item
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries or (len(self._items) > 1 and self.nbytes > self.max_bytes):
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Grounder:
+    """Ground phrases with an X-VLM model; optionally score them with a second model (`scorer`) that has ITC/ITM heads
+    when the box model has none (the official RefCOCO+ bbox checkpoint)."""
+
+    def __init__(self, model: XVLM, tokenizer: Tokenizer, device: str | torch.device | None = None,
+                 scorer: XVLM | None = None, cache_entries: int = 16, name: str = "model"):
+        self.device = torch.device(device) if device is not None else pick_device()
+        self.model = model.eval().to(self.device)
+        self.scorer = scorer.eval().to(self.device) if scorer is not None else None
+        self.tokenizer = tokenizer
+        self.name = name
+        self.cache = EncodingCache(max_entries=cache_entries)
+        self.stats = {"vision_passes": 0, "cache_hits": 0}
+        if self.scorer is not None and self.scorer.cfg.vision != model.cfg.vision:
+            raise ValueError("the scorer's vision encoder config differs from the box model's")
+        self._shared_vision = self.scorer is None or _same_weights(self.model.vision_encoder, self.scorer.vision_encoder)
+        self._lock = threading.RLock()
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, **kw) -> "Grounder":
+        """Our format (config.json + model.safetensors + vocab.txt); no argument: the shipped default model."""
+        path = Path(path) if path is not None else DEFAULT_WEIGHTS
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no model in {path}: expected config.json, model.safetensors and vocab.txt"
+                                    + (" (the default model is trained with `python -m xvlm train`)"
+                                       if path == DEFAULT_WEIGHTS else ""))
+        model = load_pretrained(path)
+        tokenizer = Tokenizer(path, max_tokens=model.cfg.max_tokens, max_words=model.cfg.max_words)
+        return cls(model, tokenizer, name=kw.pop("name", path.name), **kw)
+
+    @classmethod
+    def from_official(cls, checkpoint: str | Path, config: str | Path | None = None, preset: str | None = None,
+                      tokenizer: str | Path | None = None, scorer_checkpoint: str | Path | None = None,
+                      **kw) -> "Grounder":
+        """An official X-VLM checkpoint, shaped by its task YAML (`config`) or a built-in `preset`."""
+        cfg = _official_config(config, preset)
+        if tokenizer is None:
+            raise ValueError("official checkpoints need a tokenizer: the bert-base-uncased vocab.txt (or its folder)")
+        model = load_official(checkpoint, cfg)
+        scorer = load_official(scorer_checkpoint, cfg) if scorer_checkpoint is not None else None
+        tok = Tokenizer(tokenizer, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+        if tok.vocab_size != cfg.text.vocab_size:
+            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {cfg.text.vocab_size}")
+        return cls(model, tok, scorer=scorer, name=kw.pop("name", Path(checkpoint).name), **kw)
+
+    # --- what this grounder can compute -------------------------------------------------------------------------
+    @property
+    def _itc_model(self) -> XVLM | None:
+        return next((m for m in (self.model, self.scorer) if m is not None and "itc" in m.heads), None)
+
+    @property
+    def _itm_model(self) -> XVLM | None:
+        return next((m for m in (self.model, self.scorer) if m is not None and "itm" in m.heads), None)
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        return {"box": "bbox" in self.model.heads, "itc": self._itc_model is not None,
+                "itm": self._itm_model is not None, "gradcam": self._itm_model is not None}
+
+    @property
+    def grid_size(self) -> int:
+        return self.model.cfg.vision.grid_size
+
+    # --- image side ---------------------------------------------------------------------------------------------
+    def encode_image(self, image, model: XVLM | None = None) -> ImageEncoding:
+        """Vision tokens of `image` for `model` (default: the box model), from the cache when the pixels were seen."""
+        return self._encode(_Pixels.of(image), model or self.model)
+
+    def _encode(self, px: "_Pixels", model: XVLM) -> ImageEncoding:
+        if model is self.scorer and self._shared_vision:
+            model = self.model
+        role = "box" if model is self.model else "scorer"   # the cache belongs to this Grounder and its two models
+        res = model.cfg.vision.image_res
+        key = f"{px.digest}|{res}|{role}"
+        with self._lock:                                    # concurrent callers on one image: one vision pass
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats["cache_hits"] += 1
+                return hit
+            pixels = image_to_tensor(px.image, res).unsqueeze(0).to(self.device)
+            with self._inference():
+                tokens = model.encode_image(pixels).float()
+            self.stats["vision_passes"] += 1
+            enc = ImageEncoding(tokens, px.image.size, tokens.numel() * tokens.element_size())
+            self.cache.put(key, enc)
+            return enc
+
+    def _inference(self) -> contextlib.ExitStack:
+        """No autograd; half precision on CUDA (the heads' outputs are read back in float32)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.device.type == "cuda":
+            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        return stack
+
+    # --- grounding ----------------------------------------------------------------------------------------------
+    def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
+        single = isinstance(phrases, str)
+        phrase_list = _check_phrases([phrases] if single else phrases)
+        px = _Pixels.of(image)                       # decoded and hashed once per call
+        text = self.tokenizer(phrase_list)
+        W, H = px.image.size
+        results = [GroundingResult(p, c, (W, H)) for p, c in zip(phrase_list, text.captions)]
+        for r, cut in zip(results, text.truncated):
+            if cut:
+                r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
+        with self._inference():
+            run = _Pass(self, px, text.input_ids.to(self.device), text.attention_mask.to(self.device))
+            boxes, fused = self._boxes(run, results)
+            self._itm(run, fused, results)
+            self._itc(run, boxes, results)
+        return results[0] if single else results
+
+    def _boxes(self, run: "_Pass", results):
+        """Boxes from the fused [CLS] over the whole image; also returns that fused output, which the ITM head reads
+        too (the official ITM path fuses with the same all-ones image mask)."""
+        if "bbox" not in self.model.heads:
+            for r in results:
+                r.notes["box"] = NO_BOX
+            return None, None
+        m = self.model
+        fused = m.fuse(run.text(m), run.mask, ImageContext.single(run.tokens(m), len(results)))
+        coords = m.predict_bbox(fused).float()
+        W, H = run.px.image.size
+        scale = torch.tensor([W, H, W, H], dtype=torch.float64)
+        for r, c, xyxy in zip(results, coords.cpu(), box_ops.cxcywh_to_xyxy(coords.double().cpu()) * scale):
+            r.box_cxcywh = [float(v) for v in c]
+            r.box_xyxy = [float(v) for v in xyxy]
+        return coords, fused
+
+    def _itm(self, run: "_Pass", box_fused, results) -> None:
+        m = self._itm_model
+        if m is None:
+            for r in results:
+                r.notes["itm"] = NO_ITM
+            return
+        if box_fused is not None and m is self.model:
+            fused = box_fused
+        else:
+            fused = m.fuse(run.text(m), run.mask, ImageContext.single(run.tokens(m), len(results)))
+        probs = m.itm_logits(fused).float().softmax(dim=-1)[:, 1].cpu()
+        for r, p in zip(results, probs):
+            r.itm = float(p)
+
+    def _itc(self, run: "_Pass", boxes, results) -> None:
+        m = self._itc_model
+        if m is None:
+            for r in results:
+                r.notes["itc"] = NO_ITC
+            return
+        tokens = run.tokens(m)
+        text_feat = m.text_features(run.text(m)).float()                    # [B, D]
+        feats = m.image_features(tokens[0]).float()                         # [1+N, D]
+        itc_image = text_feat @ feats[0]
+        heat = (feats[1:] @ text_feat.T).T.reshape(len(results), self.grid_size, self.grid_size)
+        for r, s, h in zip(results, itc_image.cpu(), heat.cpu()):
+            r.itc_image, r.patch_heatmap = float(s), h.numpy()
+        if boxes is None:
+            for r in results:
+                r.notes["itc_region"] = NO_BOX
+            return
+        concept_feats, masks = self._concept_features(m, tokens, boxes, fmt="cxcywh")   # one concept per phrase box
+        sims = (text_feat @ concept_feats.T).cpu()                                     # [phrase, box]
+        for i, r in enumerate(results):
+            r.itc_region = float(sims[i, i])
+            r.itc_objects = [float(v) for v in sims[i]]
+            r.region_mask = masks[i, 1:].reshape(self.grid_size, self.grid_size).bool().cpu().numpy()
+
+    def _concept_features(self, m: XVLM, tokens: torch.Tensor, boxes: torch.Tensor, fmt: str):
+        masks = box_patch_mask(boxes, self.grid_size, fmt=fmt)
+        cls = concept_cls(tokens, masks.to(tokens.dtype), torch.zeros(len(boxes), dtype=torch.long))
+        return m.image_features(cls).float(), masks
+
+    def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
+        """ITC similarity of each phrase with each box's visual concept (object granularity): [phrases, boxes].
+        Boxes are xyxy in pixels of the original image."""
+        m = self._itc_model
+        if m is None:
+            raise RuntimeError(NO_ITC)
+        phrase_list = _check_phrases(phrases)
+        px = _Pixels.of(image)
+        W, H = px.image.size
+        b = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+        if len(b) == 0:
+            raise InputError("no boxes given")
+        norm = (b / torch.tensor([W, H, W, H], dtype=torch.float64)).clamp(0, 1)
+        if (norm[:, 2] <= norm[:, 0]).any() or (norm[:, 3] <= norm[:, 1]).any():
+            raise InputError("boxes must be x0 < x1, y0 < y1 inside the image")
+        enc = self._encode(px, m)                  # only once the input is known to be valid
+        text = self.tokenizer(phrase_list)
+        with self._inference():
+            ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+            text_feat = m.text_features(m.encode_text(ids, mask)).float()
+            concept_feats, _ = self._concept_features(m, enc.tokens, norm.float().to(self.device), fmt="xyxy")
+            return (text_feat @ concept_feats.T).cpu().numpy()
+
+    def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
+        """The official weakly-supervised grounding map (Grounding.py): Grad-CAM of the ITM positive logit w.r.t. a
+        fusion layer's cross-attention, positive gradients times attention, averaged over heads and text tokens.
+        `layer` indexes the BERT layers (fusion layers are >= fusion_layer); default: the middle fusion layer."""
+        m = self._itm_model
+        if m is None:
+            raise RuntimeError(NO_ITM)
+        (phrase,) = _check_phrases([phrase])
+        tcfg = m.cfg.text
+        layer = tcfg.fusion_layer + (tcfg.num_hidden_layers - tcfg.fusion_layer) // 2 if layer is None else layer
+        if not tcfg.fusion_layer <= layer < tcfg.num_hidden_layers:
+            raise ValueError(f"layer must be a fusion layer in [{tcfg.fusion_layer}, {tcfg.num_hidden_layers})")
+        tokens = self.encode_image(image, m).tokens.clone()   # cached under inference_mode: a plain copy for autograd
+        text = self.tokenizer([phrase])
+        ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+        attn = m.text_encoder.encoder.layer[layer].crossattention.self
+        self._lock.acquire()                                  # keep_attention is module state: one Grad-CAM at a time
+        attn.keep_attention = True
+        try:
+            with torch.enable_grad():
+                fused = m.fuse(m.encode_text(ids, mask), mask, tokens.float())
+                logit = m.itm_logits(fused)[:, 1].sum()
+                probs = attn.attention_map
+                (grads,) = torch.autograd.grad(logit, probs)
+        finally:
+            attn.keep_attention, attn.attention_map = False, None
+            self._lock.release()
+        g = self.grid_size
+        keep = mask.view(1, 1, -1, 1, 1).to(probs.dtype)
+        cams = probs.detach()[:, :, :, 1:].reshape(1, probs.shape[1], -1, g, g) * keep
+        grads = grads[:, :, :, 1:].clamp(min=0).reshape(1, probs.shape[1], -1, g, g) * keep
+        return (cams * grads).mean(1).mean(1)[0].float().cpu().numpy()
+
+
+class _Pixels:
+    """A decoded RGB image and the hash of its pixels (the cache key), computed once per call."""
+
+    def __init__(self, image: Image.Image):
+        self.image = image
+        self.digest = hashlib.sha1(image.tobytes() + f"|{image.size}".encode()).hexdigest()
+
+    @classmethod
+    def of(cls, image) -> "_Pixels":
+        return image if isinstance(image, _Pixels) else cls(load_image(image))
+
+
+class _Pass:
+    """One `ground` call's shared work: image tokens and text embeddings computed at most once per model."""
+
+    def __init__(self, grounder: Grounder, px: _Pixels, ids: torch.Tensor, mask: torch.Tensor):
+        self.grounder, self.px, self.ids, self.mask = grounder, px, ids, mask
+        self._text: dict[int, torch.Tensor] = {}
+
+    def tokens(self, model: XVLM) -> torch.Tensor:
+        return self.grounder._encode(self.px, model).tokens
+
+    def text(self, model: XVLM) -> torch.Tensor:
+        if id(model) not in self._text:
+            self._text[id(model)] = model.encode_text(self.ids, self.mask)
+        return self._text[id(model)]
+
+
+def _check_phrases(phrases) -> list[str]:
+    if isinstance(phrases, str) or not isinstance(phrases, (list, tuple)):
+        raise InputError("phrases must be a string or a list of strings")
+    if not phrases:
+        raise InputError("no phrases given")
+    if len(phrases) > MAX_PHRASES:
+        raise InputError(f"too many phrases ({len(phrases)}); at most {MAX_PHRASES} at once")
+    return [check_phrase(p) for p in phrases]
+
+
+
+def _official_config(config, preset) -> XVLMConfig:
+    if (config is None) == (preset is None):
+        raise ValueError(f"give exactly one of config= (an official task YAML) or preset= (one of {sorted(PRESETS)})")
+    return from_official_yaml(config) if config is not None else get_preset(preset)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+__all__ = ["Grounder", "GroundingResult", "EncodingCache", "ImageEncoding", "InputError"]

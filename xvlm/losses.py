@@ -1,0 +1,113 @@
+"""X-VLM's four objectives on a batch of (visual concept, text) pairs.
+
+A pair's visual side is one image's tokens with a patch mask (all ones for the whole image, the covered patches for a
+box), so image-, region- and object-level pairs share one code path — the paper's point: a concept is pooled from the
+same patch tokens as the image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import box_ops
+from .models import XVLM, ImageContext, concept_cls
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather across processes keeping gradients for the local shard (as the official AllGather)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(x), dim=0)
+
+
+def contrastive_loss(image_feat, text_feat, temp, idx) -> torch.Tensor:
+    """Symmetric InfoNCE over all processes' pairs; pairs with the same `idx` (same text) are all positives."""
+    image_all, text_all, idx_all = gather_with_grad(image_feat), gather_with_grad(text_feat), gather_with_grad(idx)
+    logits = image_all @ text_all.T / temp
+    positives = (idx_all[:, None] == idx_all[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+    t2i = -(F.log_softmax(logits.T, dim=1) * targets).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
+def sample_hard_negatives(image_feat, text_feat, temp, idx, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pair, a negative visual for its text and a negative text for its visual, drawn in proportion to ITC
+    similarity among pairs whose text differs (the official hard-negative mining)."""
+    with torch.no_grad():
+        sim = image_feat @ text_feat.T / temp
+        same = idx[:, None] == idx[None, :]
+        w_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(same, 0)
+        w_t2i = (F.softmax(sim.T, dim=1) + 1e-5).masked_fill(same, 0)
+        no_neg = same.all(dim=1)   # every pair has the same text: fall back to uniform over the others
+        w_i2t[no_neg] = 1.0
+        w_t2i[no_neg] = 1.0
+        neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+        neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    return neg_image, neg_text
+
+
+def matching_loss(model: XVLM, visual: ImageContext, visual_mask, text_embeds, text_mask, neg_image,
+                  neg_text) -> torch.Tensor:
+    """ITM: positives, (negative visual, text) and (visual, negative text), one fusion pass."""
+    vis = ImageContext.cat([visual, visual.select(neg_image), visual])
+    vis_mask = torch.cat([visual_mask, visual_mask[neg_image], visual_mask], dim=0)
+    txt = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
+    txt_mask = torch.cat([text_mask, text_mask, text_mask[neg_text]], dim=0)
+    logits = model.itm_logits(model.fuse(txt, txt_mask, vis, vis_mask))
+    n = len(visual)
+    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def mask_tokens(input_ids, attention_mask, mask_id: int, vocab_size: int, prob: float, special_ids, generator=None):
+    """BERT masking (80% [MASK], 10% random, 10% kept) of `prob` of the words; at least one per text."""
+    maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+    rand = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    chosen = maskable & (rand < prob)
+    # guarantee one masked token per text that has any word
+    first_pick = torch.where(maskable, rand, torch.full_like(rand, 2.0)).argmin(dim=1)
+    has_word = maskable.any(dim=1)
+    chosen[has_word, first_pick[has_word]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    mode = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    masked = input_ids.clone()
+    masked[chosen & (mode < 0.8)] = mask_id
+    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
+    swap = chosen & (mode >= 0.8) & (mode < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, labels
+
+
+def mlm_loss(model: XVLM, masked_ids, text_mask, labels, visual, visual_mask) -> torch.Tensor:
+    """Masked language modelling conditioned on the visual concept (fusion restricted to its patches)."""
+    fused = model.fuse(model.encode_text(masked_ids, text_mask), text_mask, visual, visual_mask)
+    rows = labels != -100
+    return F.cross_entropy(model.mlm_logits(fused[rows]), labels[rows])
+
+
+def bbox_loss(pred_cxcywh, target_cxcywh) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 and GIoU between predicted and target normalised boxes, averaged over boxes."""
+    l1 = F.l1_loss(pred_cxcywh, target_cxcywh, reduction="none").sum(dim=1).mean()
+    giou = box_ops.paired_giou(box_ops.cxcywh_to_xyxy(pred_cxcywh), box_ops.cxcywh_to_xyxy(target_cxcywh))
+    return l1, (1 - giou).mean()
+
+
+def attention_guidance_loss(attention_map: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    """-log of the cross-attention mass the fused [CLS] puts on the target box's patches, for the best head.
+
+    Not an X-VLM objective: a training aid for our from-scratch, CPU-sized default model, where the bbox head otherwise
+    waits for attention to find the box by itself (see weights/README.md). Only one head per layer has to look at
+    the target, so the others stay free for what relations need (the reference object).
+    attention_map [P, heads, T, 1+N] (softmax over image tokens); patch_mask [P, 1+N], entry 0 ignored.
+    """
+    target = patch_mask[:, 1:].to(attention_map.dtype)
+    mass = (attention_map[:, :, 0, 1:] * target[:, None]).sum(dim=-1)        # [P, heads]
+    return -torch.log(mass.max(dim=1).values.clamp_min(1e-6)).mean()
+
+
+def concept_visuals(image_tokens: torch.Tensor, group: torch.Tensor, patch_mask: torch.Tensor) -> ImageContext:
+    """Each pair's visual side: its image's patches, with the mean of the masked patches as token 0."""
+    return ImageContext(concept_cls(image_tokens, patch_mask, group), image_tokens[:, 1:], group)

@@ -1,0 +1,221 @@
+"""A small, readable BERT whose upper layers cross-attend to image tokens — X-VLM's text and fusion encoder.
+
+Layers [0, fusion_layer) encode text alone; layers [fusion_layer, N) add a cross-attention block after self-attention
+(X-VLM's "cross-modal encoder"). Parameter names follow the official `xbert.py` (and so HuggingFace BERT), which keeps
+official checkpoints loadable by name. We own this code instead of subclassing transformers so that numerics and key
+names do not move with transformers releases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+# The official code masks with (1 - mask) * -10000 rather than -inf; keep it for bit-level parity on padded batches.
+MASK_VALUE = -10000.0
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] 0/1 keep-mask -> [B, 1, 1, L] additive mask for attention logits."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
+
+
+@dataclass
+class ImageContext:
+    """Image tokens that several texts attend to: each image's patches once, plus one [CLS] per text (the image's or a
+    concept's). Cross-attention projects the patches once per image instead of once per text — with 4 phrases and 2
+    hard negatives per image in training, or many phrases on one image at inference, that is most of the fusion cost.
+    """
+    cls: torch.Tensor        # [P, C]    token 0 seen by text p
+    patches: torch.Tensor    # [B, N, C] patch tokens per image
+    index: torch.Tensor      # [P]       image row of text p
+
+    @classmethod
+    def single(cls, tokens: torch.Tensor, n_texts: int) -> "ImageContext":
+        """One image's [1, 1+N, C] tokens shared by n texts."""
+        return cls(tokens[:, 0].expand(n_texts, -1), tokens[:, 1:], torch.zeros(n_texts, dtype=torch.long,
+                                                                                 device=tokens.device))
+
+    def select(self, rows: torch.Tensor) -> "ImageContext":
+        return ImageContext(self.cls[rows], self.patches, self.index[rows])
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+    def project(self, linear: nn.Linear) -> torch.Tensor:
+        """linear(tokens) for every text: [P, 1+N, D], with the patch projection computed once per image."""
+        return torch.cat([linear(self.cls)[:, None], linear(self.patches)[self.index]], dim=1)
+
+    @staticmethod
+    def cat(contexts: list["ImageContext"]) -> "ImageContext":
+        base = contexts[0]
+        assert all(c.patches is base.patches for c in contexts), "contexts must share their patches"
+        return ImageContext(torch.cat([c.cls for c in contexts]), base.patches, torch.cat([c.index for c in contexts]))
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0] + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention; `kv_width` differs from the hidden size for cross-attention to image tokens."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+        # Grad-CAM (the official weakly-supervised grounding) needs the attention map and its gradient.
+        self.keep_attention = False
+        self.attention_map: torch.Tensor | None = None
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
+                context: torch.Tensor | ImageContext | None = None) -> torch.Tensor:
+        context = hidden if context is None else context
+        if isinstance(context, ImageContext):
+            k, v = self._heads(context.project(self.key)), self._heads(context.project(self.value))
+        else:
+            k, v = self._heads(self.key(context)), self._heads(self.value(context))
+        q = self._heads(self.query(hidden))
+        dropout = self.dropout_p if self.training else 0.0
+        if self.keep_attention:
+            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + mask
+            probs = scores.softmax(dim=-1)
+            if probs.requires_grad:
+                probs.retain_grad()
+            self.attention_map = probs
+            out = F.dropout(probs, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)
+        return out.transpose(1, 2).flatten(2)
+
+
+class BertAttentionOutput(nn.Module):
+    """Projection + dropout + residual + LayerNorm (post-LN, as BERT). Also the FFN's output block."""
+
+    def __init__(self, in_width: int, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, kv_width: int):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, kv_width)
+        self.output = BertAttentionOutput(cfg.hidden_size, cfg)
+
+    def forward(self, hidden, mask, context=None):
+        return self.output(self.self(hidden, mask, context), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact erf GELU, as BERT's "gelu"
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, image_width: int | None):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size)
+        if image_width is not None:
+            self.crossattention = BertAttention(cfg, image_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertAttentionOutput(cfg.intermediate_size, cfg)
+
+    @property
+    def is_fusion(self) -> bool:
+        return hasattr(self, "crossattention")
+
+    def forward(self, hidden, mask, image=None, image_mask=None):
+        hidden = self.attention(hidden, mask)
+        if self.is_fusion:
+            hidden = self.crossattention(hidden, image_mask, image)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig, image_width: int):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            [BertLayer(cfg, image_width if i >= cfg.fusion_layer else None) for i in range(cfg.num_hidden_layers)])
+
+
+class BertModel(nn.Module):
+    """Text encoder (`encode_text`) and cross-modal fusion encoder (`fuse`) sharing one stack of layers."""
+
+    def __init__(self, cfg: TextConfig, image_width: int):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg, image_width)
+
+    @property
+    def fusion_layers(self) -> list[BertLayer]:
+        return list(self.encoder.layer[self.config.fusion_layer:])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids)
+        mask = additive_mask(attention_mask, hidden.dtype)
+        for layer in self.encoder.layer[: self.config.fusion_layer]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor,
+             image: torch.Tensor | ImageContext, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion layers over text; `image` is [B, 1+N, C] tokens or an ImageContext; `image_mask` [B, 1+N] 0/1
+        restricts cross-attention to a concept's patches (None: the whole image)."""
+        mask = additive_mask(attention_mask, text_embeds.dtype)
+        if image_mask is None:
+            n_tokens = image.patches.shape[1] + 1 if isinstance(image, ImageContext) else image.shape[1]
+            image_mask = torch.ones(len(text_embeds), n_tokens, device=text_embeds.device)
+        image_mask = additive_mask(image_mask, text_embeds.dtype)
+        hidden = text_embeds
+        for layer in self.fusion_layers:
+            hidden = layer(hidden, mask, image, image_mask)
+        return hidden
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head; the decoder weight is tied to the word embeddings (as in the official model)."""
+
+    def __init__(self, cfg: TextConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = nn.Sequential()
+        self.transform.add_module("dense", nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        self.transform.add_module("act", nn.GELU())
+        self.transform.add_module("LayerNorm", nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.word_embeddings = [word_embeddings]  # a list: tied, not a second registered copy
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden), self.word_embeddings[0].weight, self.bias)

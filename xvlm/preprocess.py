@@ -1,0 +1,245 @@
+"""Inputs to tensors, exactly as the official grounding evaluation prepares them.
+
+Image: decode safely -> RGB -> bicubic resize to image_res x image_res -> /255 -> normalise (CLIP statistics).
+Text: `pre_caption` cleaning -> BERT WordPiece -> `[CLS] tokens` with NO trailing [SEP] (X-VLM's tokenizer).
+"""
+from __future__ import annotations
+
+import re
+import struct
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import IMAGE_MEAN, IMAGE_STD
+
+# A bound on decoded pixels: uploads beyond it are refused before decoding (decompression bombs included).
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_PHRASE_CHARS = 1000
+
+
+class InputError(ValueError):
+    """Bad user input (image or text): the message is meant to be shown to the user as is."""
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Path, PIL image or HxW[xC] array -> RGB PIL image (EXIF orientation applied, first frame of animations).
+    Anything that cannot be decoded raises `InputError` with a message meant for the user."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                _check_pixels(im.size, max_pixels)       # from the header: nothing is decoded yet
+                im.seek(0)
+                return to_rgb(im, max_pixels)
+        except InputError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise InputError(_bomb_message(e, max_pixels)) from e
+        except _DECODE_ERRORS as e:
+            raise InputError(f"cannot read image {path.name}: {_decode_detail(e, path)}") from e
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels)
+        try:                                             # a lazily opened image decodes here
+            return to_rgb(image, max_pixels)
+        except InputError:
+            raise
+        except _DECODE_ERRORS as e:
+            raise InputError(f"cannot read image: {e}") from e
+    if isinstance(image, np.ndarray):
+        return to_rgb(array_to_pil(image, max_pixels), max_pixels)
+    raise InputError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a numpy array")
+
+
+# What Pillow raises on a corrupt or truncated file (its plugins let struct / index / EOF errors through on some
+# formats); all of them mean "this upload is not a readable image".
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
+                  KeyError, TypeError, ZeroDivisionError)
+
+
+def _decode_detail(e: Exception, path: Path) -> str:
+    """Pillow's reason, without the server-side folder of the file (uploads live in a server temp folder)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format that can be decoded (PNG, JPEG, WebP, GIF, BMP, TIFF ...)"
+    detail = str(e) or type(e).__name__
+    for full in sorted({str(path.absolute()), str(path)}, key=len, reverse=True):
+        detail = detail.replace(full, path.name)
+    return detail
+
+
+def _bomb_message(e: Exception, max_pixels: int) -> str:
+    """Pillow's own decompression-bomb guard fired in `Image.open` (far above our limit): say it like our check."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(m.group(1)) / 1e6:,.0f} MP" if m else "a huge size"
+    return f"image too large: the file declares {size}, which exceeds the {_limit(max_pixels)} limit"
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise InputError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InputError(f"image too large: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {_limit(max_pixels)} limit")
+
+
+def _limit(max_pixels: int) -> str:
+    """'40 MP'; a bound that is not a whole number of megapixels in pixels (rounding would misstate it)."""
+    return f"{max_pixels // 1_000_000} MP" if max_pixels % 1_000_000 == 0 else f"{max_pixels:,}-pixel"
+
+
+def array_to_pil(arr: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """HxW / HxWx1 / HxWx3 / HxWx4 array -> PIL. uint8 as is; bool -> 0/255; 16-bit unsigned (either byte order)
+    scaled to 8 bits; floats in [0, 1] scaled by 255, other floats clipped to [0, 255] (NaN / inf refused); other
+    integers clipped to [0, 255]. Any other dtype (complex, object, strings, dates) is refused."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype.kind not in "buif":
+        raise InputError(f"image array must hold numbers (uint8, uint16, float ...), got dtype {arr.dtype}")
+    _check_pixels((arr.shape[1], arr.shape[0]), max_pixels)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind == "u" and arr.dtype.itemsize == 2:       # uint16, little- or big-endian
+        arr = (arr.astype(np.uint16) >> 8).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise InputError("image array contains NaN or infinite values")
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def to_rgb(im: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Every PIL mode to RGB: EXIF rotation, 16/32-bit scaled down, float like a float array (NaN refused), alpha
+    (also premultiplied) composited on white, palettes expanded. A mode Pillow cannot convert raises InputError."""
+    im = ImageOps.exif_transpose(im) or im
+    _check_pixels(im.size, max_pixels)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray((arr / scale * 255).clip(0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        im = array_to_pil(np.asarray(im), max_pixels)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    elif im.mode == "La":                                # premultiplied alpha: Pillow converts it only to LA
+        im = im.convert("LA")
+    if im.mode in ("RGBA", "RGBa", "LA", "PA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise InputError(f"unsupported image mode {im.mode}: save the image as an RGB PNG or JPEG") from e
+
+
+def image_to_tensor(im: Image.Image, image_res: int) -> torch.Tensor:
+    """RGB PIL -> [3, R, R] float tensor; PIL bicubic matches torchvision's Resize(BICUBIC) on PIL images exactly."""
+    arr = np.asarray(im.resize((image_res, image_res), Image.BICUBIC), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+# --- text --------------------------------------------------------------------------------------------------------
+def pre_caption(caption: str, max_words: int = 30) -> str:
+    """The official caption cleaning: lower-case, drop ,.'!?"()*#:;~ , '-' and '/' become spaces, squeeze spaces,
+    keep the first `max_words` words."""
+    caption = re.sub(r"([,.'!?\"()*#:;~])", "", caption.lower()).replace("-", " ").replace("/", " ")
+    caption = caption.replace("<person>", "person")
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def check_phrase(phrase) -> str:
+    """Reject what cannot be a phrase with a message a user understands; return it stripped."""
+    if not isinstance(phrase, str):
+        raise InputError(f"a phrase must be a string, got {type(phrase).__name__}")
+    cleaned = "".join(ch for ch in phrase if unicodedata.category(ch)[0] != "C" or ch in " \t")
+    if not cleaned.strip():
+        raise InputError("empty phrase: type a few words describing an object, e.g. 'the red circle'")
+    if len(phrase) > MAX_PHRASE_CHARS:
+        raise InputError(f"phrase too long ({len(phrase)} characters; the limit is {MAX_PHRASE_CHARS})")
+    if not pre_caption(cleaned):
+        raise InputError(f"phrase {phrase!r} has no words once punctuation is removed")
+    return cleaned.strip()
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor         # [B, L]
+    attention_mask: torch.Tensor    # [B, L]
+    captions: list[str]             # after pre_caption
+    truncated: list[bool]           # hit max_tokens
+
+
+class Tokenizer:
+    """BERT WordPiece from a local `vocab.txt` (or a folder holding one), X-VLM style: `[CLS] tokens`, no [SEP]."""
+
+    def __init__(self, vocab: str | Path, max_tokens: int = 40, max_words: int = 30):
+        from transformers import BertTokenizer
+
+        vocab = Path(vocab)
+        vocab_file = vocab / "vocab.txt" if vocab.is_dir() else vocab
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"tokenizer vocab not found: {vocab_file}")
+        self.vocab_file = vocab_file
+        self.wordpiece = BertTokenizer(str(vocab_file), do_lower_case=True)
+        self.max_tokens, self.max_words = max_tokens, max_words
+        self.pad_id = self.wordpiece.pad_token_id
+        self.cls_id = self.wordpiece.cls_token_id
+        self.mask_id = self.wordpiece.mask_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.wordpiece)
+
+    def __call__(self, phrases: list[str]) -> TextBatch:
+        captions = [pre_caption(p, self.max_words) for p in phrases]
+        rows, truncated = [], []
+        for cap in captions:
+            ids = [self.cls_id] + self.wordpiece.convert_tokens_to_ids(self.wordpiece.tokenize(cap))
+            truncated.append(len(ids) > self.max_tokens)
+            rows.append(ids[: self.max_tokens])
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention_mask[i, : len(r)] = 1
+        return TextBatch(input_ids, attention_mask, captions, truncated)
+
+    def tokens(self, phrase: str) -> list[str]:
+        return ["[CLS]"] + self.wordpiece.tokenize(pre_caption(phrase, self.max_words))
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_wordpiece_vocab(words, path: str | Path) -> Path:
+    """A WordPiece vocab for a closed corpus: special tokens, every corpus word whole, and single characters
+    (plain and `##`) so any other word still splits into pieces instead of one [UNK]."""
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    punct = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    tokens = list(SPECIAL_TOKENS) + punct + sorted({w.lower() for w in words} - set(chars)) + chars + [f"##{c}" for c in chars]
+    seen, unique = set(), []
+    for t in tokens:
+        if t not in seen:
+            seen.add(t)
+            unique.append(t)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(unique) + "\n")
+    return path

@@ -1,0 +1,438 @@
+"""X-VLM training: multi-grained pre-training (ITC, ITM, MLM, bbox) then grounding fine-tuning, from a recipe.
+
+    python -m xvlm train --recipe shapes --out runs/shapes --export weights/xvlm-shapes
+    torchrun --nproc_per_node 2 -m xvlm train --recipe shapes-tiny --out runs/ddp     # DDP (gloo on CPU, nccl on GPU)
+
+A step: B images -> one vision pass -> P (visual concept, text) pairs: each image's caption with the whole image, and
+up to K phrases with their boxes' patches. ITC/ITM/MLM run on all pairs, the bbox loss on the phrases (given the whole
+image). Recipes are data (`RECIPES`); a run is reproducible from (recipe, seed) and resumable from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from . import losses
+from .box_ops import xyxy_to_cxcywh
+from .checkpoint import save_pretrained
+from .config import TextConfig, VisionConfig, XVLMConfig
+from .models import XVLM, ImageContext, box_patch_mask
+from .models.bert import additive_mask
+from .preprocess import Tokenizer, image_to_tensor, write_wordpiece_vocab
+
+
+# --- recipes (configuration as data) ----------------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    loss_weights: dict[str, float]            # among itc, itm, mlm, bbox (L1 + GIoU), attn (guidance); 0 = off
+    phrase_kinds: tuple[str, ...]             # which phrases become concepts: object, region, attribute, ...
+    phrases_per_image: int = 4
+    warmup: int = 100
+    align_cross_attention: bool = False       # start by pointing fusion attention where patch ITC is high
+
+
+@dataclass
+class Recipe:
+    model: XVLMConfig
+    stages: list[Stage]
+    batch_images: int = 24
+    mask_prob: float = 0.25
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+REFEXP_KINDS = ("attribute", "size", "position", "relation")
+ALL_KINDS = ("object", "region") + REFEXP_KINDS
+
+SHAPES_MODEL = XVLMConfig(
+    vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3),
+    text=TextConfig(vocab_size=0, hidden_size=192, num_hidden_layers=4, fusion_layer=2, num_attention_heads=3,
+                    intermediate_size=768, max_position_embeddings=64),
+    embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
+
+RECIPES: dict[str, Recipe] = {
+    # The shipped default model: about an hour on a 2-core CPU (1700 steps at ~2 s).
+    "shapes": Recipe(model=SHAPES_MODEL, batch_images=24, stages=[
+        Stage("pretrain", steps=1100, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
+              phrase_kinds=ALL_KINDS, phrases_per_image=4),
+        Stage("grounding", steps=600, lr=2e-4, loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1},
+              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=4, warmup=50, align_cross_attention=True),
+    ]),
+    # A few steps of a tiny model: tests and smoke runs.
+    "shapes-tiny": Recipe(
+        model=dataclasses.replace(
+            SHAPES_MODEL, vision=VisionConfig(kind="vit", image_res=64, patch_size=16, width=32, depth=1, heads=2),
+            text=dataclasses.replace(SHAPES_MODEL.text, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+            embed_dim=16),
+        batch_images=4, stages=[
+            Stage("pretrain", steps=3, lr=1e-3, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
+                  phrase_kinds=ALL_KINDS, phrases_per_image=2, warmup=1),
+            Stage("grounding", steps=2, lr=1e-3, loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1},
+                  phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=2, warmup=1,
+                  align_cross_attention=True)]),
+}
+
+
+def scaled(recipe: Recipe, factor: float) -> Recipe:
+    """The same recipe with every stage's steps scaled (quick runs, longer GPU runs)."""
+    stages = [dataclasses.replace(s, steps=max(1, round(s.steps * factor)), warmup=max(1, round(s.warmup * factor)))
+              for s in recipe.stages]
+    return dataclasses.replace(recipe, stages=stages)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def text_id(text: str) -> int:
+    """A process-independent id: pairs with the same text are positives for each other in ITC."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+class SyntheticSource:
+    """Scenes drawn from the procedural corpus; scene i of step s of rank r is a pure function of its seed."""
+
+    def __init__(self, seed: int):
+        from .data.official import scene_to_sample
+        from .data.synthetic import generate_scene
+        self.seed, self._generate, self._to_sample = seed, generate_scene, scene_to_sample
+
+    def batch(self, step: int, rank: int, n: int):
+        return [self._to_sample(self._generate(np.random.default_rng([self.seed, rank, step, i]))) for i in range(n)]
+
+
+class ListSource:
+    """User data in the official JSON formats (see xvlm.data.official), sampled with replacement."""
+
+    def __init__(self, samples, seed: int):
+        if not samples:
+            raise ValueError("no training samples")
+        self.samples, self.seed = samples, seed
+
+    def batch(self, step: int, rank: int, n: int):
+        rng = random.Random(hash((self.seed, rank, step)))
+        return [self.samples[rng.randrange(len(self.samples))] for _ in range(n)]
+
+
+def distinct_concepts(phrases, stage: Stage, rng: random.Random) -> list:
+    """Up to `phrases_per_image` phrases with pairwise different boxes. Two texts for one box ("small red circle",
+    "the red circle") in one batch would be each other's false negatives in ITC and, worse, the hardest negatives
+    ITM mines — contradictory labels that held ITM at chance in our first runs."""
+    pool = [p for p in phrases if p.kind in stage.phrase_kinds or p.kind not in ALL_KINDS]
+    chosen, boxes = [], set()
+    for p in rng.sample(pool, len(pool)):
+        box = tuple(round(v, 1) for v in p.box)
+        if box not in boxes:
+            chosen.append(p)
+            boxes.add(box)
+        if len(chosen) == stage.phrases_per_image:
+            break
+    return chosen
+
+
+def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: random.Random) -> dict:
+    """Samples -> one batch of pairs. Pair j: visual = image group[j] masked by patch_mask[j]; text = ids[j]."""
+    res, grid = cfg.vision.image_res, cfg.vision.grid_size
+    images, texts, group, boxes, is_image = [], [], [], [], []
+    for i, s in enumerate(samples):
+        images.append(image_to_tensor(s.image, res))
+        W, H = s.image.size
+        if s.caption:
+            texts.append(s.caption), group.append(i), boxes.append((0.0, 0.0, 1.0, 1.0)), is_image.append(True)
+        for p in distinct_concepts(s.phrases, stage, rng):
+            x0, y0, x1, y1 = p.box
+            texts.append(p.text), group.append(i), is_image.append(False)
+            boxes.append((max(x0 / W, 0.0), max(y0 / H, 0.0), min(x1 / W, 1.0), min(y1 / H, 1.0)))
+    tok = tokenizer(texts)
+    xyxy = torch.tensor(boxes, dtype=torch.float32)
+    patch_mask = box_patch_mask(xyxy, grid)
+    patch_mask[torch.tensor(is_image)] = 1.0
+    return {"images": torch.stack(images), "group": torch.tensor(group), "patch_mask": patch_mask,
+            "input_ids": tok.input_ids, "attention_mask": tok.attention_mask,
+            "idx": torch.tensor([text_id(c) for c in tok.captions]), "is_image": torch.tensor(is_image),
+            "boxes": xyxy_to_cxcywh(xyxy)}
+
+
+# --- the objective ------------------------------------------------------------------------------------------------
+class Pretrainer(nn.Module):
+    """forward(batch) -> dict of losses; a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: XVLM, tokenizer: Tokenizer, mask_prob: float):
+        super().__init__()
+        self.model, self.tokenizer, self.mask_prob = model, tokenizer, mask_prob
+        self.weights: dict[str, float] = {}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        m, w = self.model, self.weights
+        ids, tmask = batch["input_ids"], batch["attention_mask"]
+        tokens = m.encode_image(batch["images"])                                    # one vision pass per image
+        visual = losses.concept_visuals(tokens, batch["group"], batch["patch_mask"])  # image / region / object
+        text_embeds = m.encode_text(ids, tmask)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)
+        image_feat, text_feat = m.image_features(visual.cls), m.text_features(text_embeds)
+        if w.get("itc"):
+            out["itc"] = losses.contrastive_loss(image_feat, text_feat, m.temp, batch["idx"])
+        if w.get("itm"):
+            neg_image, neg_text = losses.sample_hard_negatives(image_feat, text_feat, m.temp, batch["idx"])
+            out["itm"] = losses.matching_loss(m, visual, batch["patch_mask"], text_embeds, tmask, neg_image, neg_text)
+        if w.get("mlm"):
+            t = self.tokenizer
+            masked, labels = losses.mask_tokens(ids, tmask, t.mask_id, t.vocab_size, self.mask_prob,
+                                                (t.pad_id, t.cls_id))
+            out["mlm"] = losses.mlm_loss(m, masked, tmask, labels, visual, batch["patch_mask"])
+        if w.get("bbox"):
+            phrases = ~batch["is_image"]
+            whole_image = ImageContext(tokens[batch["group"], 0], tokens[:, 1:], batch["group"]).select(phrases)
+            last_cross = m.text_encoder.fusion_layers[-1].crossattention.self
+            last_cross.keep_attention = bool(w.get("attn"))
+            try:
+                fused = m.fuse(text_embeds[phrases], tmask[phrases], whole_image)
+            finally:
+                last_cross.keep_attention = False
+            out["l1"], out["giou"] = losses.bbox_loss(m.predict_bbox(fused), batch["boxes"][phrases])
+            if w.get("attn"):
+                out["attn"] = losses.attention_guidance_loss(last_cross.attention_map, batch["patch_mask"][phrases])
+                last_cross.attention_map = None
+        return out
+
+    def total(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        weight = {**self.weights, "l1": self.weights.get("bbox", 0), "giou": self.weights.get("bbox", 0)}
+        return sum(weight[k] * v for k, v in out.items())
+
+
+@torch.no_grad()
+def align_cross_attention(model: XVLM, batch: dict, target_std: float = 4.0) -> float:
+    """Point the fusion layers' cross-attention at the patches whose ITC feature matches the text.
+
+    Query/key rows of the first `embed_dim` channels are set to the (scaled) text_proj / vision_proj weights, and the
+    fusion layers' text self-attention output is zeroed (the residual passes the text [CLS] through), so the attention
+    logits start as the patch-ITC similarity the pre-training stage learned. Without it the bbox head sat
+    at the mean box in our CPU runs: with uniform attention the fused [CLS] carries no position, so the head learns
+    the mean, and with a constant head no gradient teaches attention where to look. Returns the scale used.
+    """
+    m = model
+    E = m.cfg.embed_dim
+    layer = m.text_encoder.fusion_layers[0]
+    tokens = m.encode_image(batch["images"])
+    text = m.encode_text(batch["input_ids"], batch["attention_mask"])
+    for fusion in m.text_encoder.fusion_layers:   # text self-attention in fusion layers passes the text through
+        fusion.attention.output.dense.weight.zero_()
+        fusion.attention.output.dense.bias.zero_()
+    query_in = layer.attention(text, additive_mask(batch["attention_mask"], text.dtype))[:, 0]   # [P, H]
+    q = m.text_proj(query_in)                                     # [P, E]
+    k = m.vision_proj(tokens[batch["group"], 1:])                 # [P, N, E]
+    head_dim = m.cfg.text.hidden_size // m.cfg.text.num_attention_heads
+    logits = torch.einsum("pe,pne->pn", q, k) / head_dim ** 0.5
+    scale = float((target_std / logits.std(dim=1).mean()).sqrt())
+    for fusion in m.text_encoder.fusion_layers:
+        attn = fusion.crossattention.self
+        attn.query.weight[:E] = m.text_proj.weight * scale
+        attn.query.bias[:E] = m.text_proj.bias * scale
+        attn.key.weight[:E] = m.vision_proj.weight * scale
+        attn.key.bias[:E] = m.vision_proj.bias * scale
+    return scale
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+def lr_at(step: int, stage: Stage) -> float:
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_tokenizer(out: Path, cfg: XVLMConfig, vocab: str | None) -> Tokenizer:
+    if vocab is None:
+        from .data.synthetic import VOCAB_WORDS
+        vocab_path = write_wordpiece_vocab(VOCAB_WORDS, out / "vocab.txt")
+    else:
+        vocab_path = out / "vocab.txt"
+        vocab_path.write_text(Path(vocab).read_text())
+    return Tokenizer(vocab_path, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+
+
+def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None, resume: bool = True,
+          ckpt_every: int = 200, max_minutes: float | None = None, progress: bool = True) -> XVLM:
+    out = Path(out)
+    rank, world, device = setup_distributed()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    set_seed(recipe.seed + rank)
+    tokenizer = make_tokenizer(out, recipe.model, vocab) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    if tokenizer is None:
+        tokenizer = Tokenizer(out / "vocab.txt", max_tokens=recipe.model.max_tokens, max_words=recipe.model.max_words)
+    cfg = dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=tokenizer.vocab_size))
+    torch.manual_seed(recipe.seed)                     # identical initial weights on every rank
+    model = XVLM(cfg).to(device)
+    objective = Pretrainer(model, tokenizer, recipe.mask_prob)
+    wrapped = (nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if world > 1 else objective)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embeddings" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embeddings" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=recipe.stages[0].lr)
+    source = source or SyntheticSource(recipe.seed)
+    json.dump({"recipe": dataclasses.asdict(recipe), "model": cfg.to_dict(), "world_size": world},
+              open(out / "recipe.json", "w"), indent=2) if rank == 0 else None
+
+    start = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {start}")
+
+    total_steps = sum(s.steps for s in recipe.stages)
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True)
+    t0 = time.time()
+    step = start
+    model.train()
+    for stage_index, stage in enumerate(recipe.stages):
+        first = sum(s.steps for s in recipe.stages[:stage_index])
+        objective.weights = {k: v for k, v in stage.loss_weights.items() if v}
+        if stage.align_cross_attention and step == first:
+            rng = random.Random(hash((recipe.seed, "align", stage_index)))
+            probe = collate(source.batch(10**9 + stage_index, rank, recipe.batch_images), tokenizer, cfg, stage, rng)
+            scale = align_cross_attention(model, {k: v.to(device) for k, v in probe.items()})
+            if rank == 0:
+                print(f"stage {stage.name}: cross-attention aligned with ITC (scale {scale:.3f})")
+        for stage_step in range(max(0, step - first), stage.steps):
+            step = first + stage_step
+            rng = random.Random(hash((recipe.seed, rank, step)))
+            torch.manual_seed(hash((recipe.seed, rank, step)) % 2**63)   # masking, negatives, dropout: resumable
+            batch = collate(source.batch(step, rank, recipe.batch_images), tokenizer, cfg, stage, rng)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(stage_step, stage)
+            out_losses = wrapped(batch)
+            loss = objective.total(out_losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+            step += 1
+            values = {k: round(v.item(), 4) for k, v in out_losses.items()}
+            bar.set_postfix(stage=stage.name, **values)
+            bar.update(1)
+            if log:
+                log.write(json.dumps({"step": step, "stage": stage.name, "lr": lr_at(stage_step, stage),
+                                      "elapsed_s": round(time.time() - t0, 1), **values}) + "\n")
+                log.flush()
+            if rank == 0 and (step % ckpt_every == 0 or step == total_steps):
+                save_training_state(ckpt_path, model, optimizer, step)
+            if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
+                if rank == 0:
+                    save_training_state(ckpt_path, model, optimizer, step)
+                    print(f"stopping after {max_minutes} min at step {step}; rerun to resume")
+                bar.close()
+                return model.eval()
+    bar.close()
+    model.eval()
+    if rank == 0:
+        save_pretrained(model, out / "final")
+        (out / "final" / "vocab.txt").write_text((out / "vocab.txt").read_text())
+    if world > 1:
+        dist.barrier()
+    return model
+
+
+def save_training_state(path: Path, model: XVLM, optimizer, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    tmp.replace(path)   # atomic: a crash mid-save never leaves a half-written checkpoint
+
+
+def export(run_dir: str | Path, dest: str | Path) -> None:
+    """Copy a finished run's model (safetensors + config + vocab) to a model folder such as weights/xvlm-shapes."""
+    src, dest = Path(run_dir) / "final", Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json", "vocab.txt"):
+        (dest / name).write_bytes((src / name).read_bytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xvlm train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="shapes", choices=sorted(RECIPES))
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, final/")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's steps (e.g. 4 on a GPU)")
+    p.add_argument("--batch-images", type=int, help="override the recipe's images per step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--data", nargs="+", help="official-format JSON files instead of the synthetic corpus")
+    p.add_argument("--data-format", choices=["region", "grounding", "caption"], default="region")
+    p.add_argument("--image-root", default="")
+    p.add_argument("--vocab", help="vocab.txt for --data (default: the synthetic corpus' vocabulary)")
+    p.add_argument("--export", help="copy the final model here (e.g. weights/xvlm-shapes)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = scaled(RECIPES[args.recipe], args.steps_scale) if args.steps_scale != 1.0 else RECIPES[args.recipe]
+    if args.batch_images:
+        recipe = dataclasses.replace(recipe, batch_images=args.batch_images)
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+    source = None
+    if args.data:
+        from .data import official
+        loader = {"region": official.load_region_json, "grounding": official.load_grounding_json,
+                  "caption": official.load_image_text_json}[args.data_format]
+        source = ListSource([s for f in args.data for s in loader(f, args.image_root)], recipe.seed)
+    t0 = time.time()
+    train(recipe, args.out, source=source, vocab=args.vocab, resume=not args.no_resume,
+          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        print(f"training wall time: {(time.time() - t0) / 60:.1f} min")
+        if args.export and (Path(args.out) / "final" / "model.safetensors").is_file():
+            export(args.out, args.export)
+            print(f"exported to {args.export}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
