@@ -1,6 +1,7 @@
 """The training pipeline: all four objectives, checkpoint/resume, reproducibility, DDP with gathered ITC."""
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from xvlm import Grounder
-from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens
-from xvlm.train import RECIPES, train
+from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens, sample_hard_negatives
+from xvlm.train import RECIPES, collate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,31 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     _run_tiny(part)
     a, b = load_file(full / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_starting_at_a_stage_from_exported_weights_equals_the_full_run(tmp_path):
+    """How the shipped model's last stage was run: stages 1-2 exported, then --init/--start-stage for stage 3."""
+    import dataclasses
+    recipe = RECIPES["shapes-tiny"]
+    full = tmp_path / "full"
+    train(recipe, full, progress=False)
+    first_two = dataclasses.replace(recipe, stages=recipe.stages[:2])
+    train(first_two, tmp_path / "two", progress=False)
+    last = recipe.stages[2]
+    assert last.trainable == "fusion"
+    train(recipe, tmp_path / "three", progress=False, init=tmp_path / "two" / "final", start_stage=last.name,
+          vocab=str(tmp_path / "two" / "final" / "vocab.txt"))
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(tmp_path / "three" / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # the frozen scope left the encoders and ITC projections exactly as stage 2 exported them
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for k in two:
+        moved = not torch.equal(two[k], b[k])
+        trainable = k.startswith(("bbox_head.", "itm_head.")) or any(
+            k.startswith(f"text_encoder.encoder.layer.{i}.") for i in range(2, 4))
+        assert moved <= trainable, k
+    assert any(not torch.equal(two[k], b[k]) for k in two if k.startswith("bbox_head."))
 
 
 def test_contrastive_loss_treats_same_text_as_positive():
@@ -126,3 +152,45 @@ def test_two_process_cpu_training_run(tmp_path):
     recipe = json.loads((tmp_path / "ddp" / "recipe.json").read_text())
     assert recipe["world_size"] == 2
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+
+def test_itm_never_draws_a_negative_that_the_text_truly_describes():
+    # pair 1's visual is the most similar to text 0, but text 0 describes it: it must never be drawn for text 0
+    feats = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [-1.0, 0.0]]), dim=-1)
+    describes = torch.zeros(4, 4, dtype=torch.bool)
+    describes[0, 1] = True
+    g = torch.Generator().manual_seed(0)
+    drawn_for_text0, drawn_for_visual1 = set(), set()
+    for _ in range(200):
+        neg_image, neg_text = sample_hard_negatives(feats, feats, 0.05, torch.arange(4), describes, generator=g)
+        drawn_for_text0.add(int(neg_image[0]))
+        drawn_for_visual1.add(int(neg_text[1]))
+    assert 1 not in drawn_for_text0 and 0 not in drawn_for_visual1
+    unmasked = {int(sample_hard_negatives(feats, feats, 0.05, torch.arange(4), generator=g)[0][0]) for _ in range(50)}
+    assert 1 in unmasked                          # without the mask, the hard negative is exactly that pair
+
+
+def test_collate_marks_texts_that_describe_another_images_object(tmp_path):
+    from PIL import Image
+
+    from xvlm.data import Sample
+    from xvlm.data.synthetic import Desc, Phrase, RefSpec, SceneObject
+    from xvlm.train import Stage, make_tokenizer, text_id
+    red_circle = SceneObject("circle", "red", "small", (0, 0, 10, 10))
+    blue_square = SceneObject("square", "blue", "large", (20, 20, 40, 40))
+    a = Sample(Image.new("RGB", (64, 64)), None, [Phrase("red circle", (0, 0, 10, 10), "object", (0,))], [red_circle])
+    b = Sample(Image.new("RGB", (64, 64)), None, [
+        Phrase("the red circle", (0, 0, 10, 10), "attribute", (0,), RefSpec("attribute", Desc("red", "circle"))),
+        Phrase("the blue square", (20, 20, 40, 40), "attribute", (1,), RefSpec("attribute", Desc("blue", "square"))),
+        Phrase("a red circle and a blue square", (0, 0, 40, 40), "region", (0, 1))], [red_circle, blue_square])
+    recipe = RECIPES["shapes-tiny"]
+    stage = Stage("t", 1, 1e-3, {"itm": 1}, ("object", "region", "attribute"), phrases_per_image=4)
+    batch = collate([a, b], make_tokenizer(tmp_path, recipe.model, None), recipe.model, stage, random.Random(0))
+    row = {int(i): k for k, i in enumerate(batch["idx"])}
+    red_a, red_b = row[text_id("red circle")], row[text_id("the red circle")]
+    blue, region = row[text_id("the blue square")], row[text_id("a red circle and a blue square")]
+    d = batch["describes"]
+    assert d[red_a, red_b] and d[red_b, red_a]          # across images: the same kind of object
+    assert d[red_a, red_a] and d[blue, blue]
+    assert not d[red_a, blue] and not d[blue, red_b]     # a different object
+    assert not d[:, region].any() and not d[region].any()   # regions are left to the text ids

@@ -2,7 +2,8 @@
 
     python -m xvlm eval [--model weights/xvlm-shapes] [--scenes 300] [--json eval.json]
 
-Grounding: Acc@0.5 (IoU of the bbox-head box with the target >= 0.5) per referring-expression kind, and mean IoU.
+Grounding: Acc@0.5 (IoU of the bbox-head box with the target >= 0.5) per referring-expression kind, mean IoU, and
+pointing accuracy (the patch-ITC heatmap's hottest cell inside the target box).
 Retrieval: text -> visual ITC R@1 among N candidates (one per scene) at image (caption vs image), region (region
 phrase vs its box's concept) and object (object label vs its box's concept) granularity. A retrieved candidate whose
 text equals the query counts as a hit (two scenes may both hold a "small red circle").
@@ -29,20 +30,38 @@ def eval_scenes(n: int, seed: int = EVAL_SEED, style: str = "eval"):
     return [generate_scene(np.random.default_rng([seed, i]), style=style) for i in range(n)]
 
 
+def heatmap_points_into_box(heatmap: np.ndarray, box_xyxy, image_size) -> bool:
+    """Whether the patch-ITC heatmap's hottest cell lies in the box (grown by half a cell: boxes are not on the grid).
+    What the heatmap alone localises, next to what the bbox head does."""
+    grid_h, grid_w = heatmap.shape
+    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    W, H = image_size
+    cx, cy = (col + 0.5) * W / grid_w, (row + 0.5) * H / grid_h
+    x0, y0, x1, y1 = box_xyxy
+    return x0 - W / grid_w / 2 <= cx <= x1 + W / grid_w / 2 and y0 - H / grid_h / 2 <= cy <= y1 + H / grid_h / 2
+
+
 def grounding_accuracy(g: Grounder, scenes) -> dict:
     ious: dict[str, list[float]] = defaultdict(list)
+    points: dict[str, list[bool]] = defaultdict(list)
     for scene in scenes:
         if not scene.refexps:
             continue
         results = g.ground(scene.image, [p.text for p in scene.refexps])
         pred = torch.tensor([r.box_xyxy for r in results], dtype=torch.float64)
         target = torch.tensor([p.box for p in scene.refexps], dtype=torch.float64)
-        for p, iou in zip(scene.refexps, paired_iou(pred, target)[0].tolist()):
+        for p, r, iou in zip(scene.refexps, results, paired_iou(pred, target)[0].tolist()):
             ious[p.kind].append(iou)
-    table = {kind: {"n": len(v), "acc@0.5": float(np.mean(np.array(v) >= 0.5)), "mean_iou": float(np.mean(v))}
-             for kind, v in sorted(ious.items())}
-    every = [x for v in ious.values() for x in v]
-    table["all"] = {"n": len(every), "acc@0.5": float(np.mean(np.array(every) >= 0.5)), "mean_iou": float(np.mean(every))}
+            if r.patch_heatmap is not None:
+                points[p.kind].append(heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size))
+
+    def row(iou_list, point_list):
+        return {"n": len(iou_list), "acc@0.5": float(np.mean(np.array(iou_list) >= 0.5)),
+                "mean_iou": float(np.mean(iou_list)),
+                "pointing": float(np.mean(point_list)) if point_list else None}
+
+    table = {kind: row(v, points[kind]) for kind, v in sorted(ious.items())}
+    table["all"] = row([x for v in ious.values() for x in v], [x for v in points.values() for x in v])
     return table
 
 
@@ -77,23 +96,61 @@ def retrieval_r1(g: Grounder, scenes, granularity: str) -> dict:
     return {"n": len(texts), "r@1": float(np.mean(hits))}
 
 
-def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int = EVAL_SEED) -> dict:
+@torch.inference_mode()
+def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
+    """R^2 of a least-squares linear read-out of each object's box (cx, cy, w, h) from its visual concept [CLS]
+    (the mean of the patches the box covers), fitted on the first scenes' objects and scored on the rest.
+
+    A diagnostic for the bbox head: what the vision encoder's patch features make linearly available. Where w and h
+    score low, a box head can find the object but not its extent."""
+    m = g.model
+    feats, targets = [], []
+    for scene in scenes:
+        tokens = g.encode_image(scene.image, m).tokens.float()
+        W, H = scene.image.size
+        for p in scene.objects_text:
+            x0, y0, x1, y1 = p.box[0] / W, p.box[1] / H, p.box[2] / W, p.box[3] / H
+            mask = box_patch_mask(torch.tensor([[x0, y0, x1, y1]]), g.grid_size).to(tokens.device)
+            feats.append(concept_cls(tokens, mask)[0].cpu())
+            targets.append(torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]))
+    X = torch.cat([torch.stack(feats).double(), torch.ones(len(feats), 1, dtype=torch.float64)], dim=1)
+    Y = torch.stack(targets).double()
+    n_fit = int(len(X) * train_fraction)
+    weights = torch.linalg.lstsq(X[:n_fit], Y[:n_fit]).solution
+    residual = ((X[n_fit:] @ weights - Y[n_fit:]) ** 2).sum(dim=0)
+    total = ((Y[n_fit:] - Y[n_fit:].mean(dim=0)) ** 2).sum(dim=0)
+    r2 = (1 - residual / total).tolist()
+    return {"n_fit": n_fit, "n_scored": len(X) - n_fit, **dict(zip(("cx", "cy", "w", "h"), r2))}
+
+
+def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int = EVAL_SEED,
+             probe: bool = False) -> dict:
     scenes = eval_scenes(n_scenes, seed)
     report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(g, scenes)}
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
+    if probe:
+        g.cache.clear()
+        report["box_probe_r2"] = box_probe_r2(g, scenes)
     return report
 
 
 def format_report(report: dict) -> str:
     lines = [f"model: {report['model']}   held-out scenes: {report['scenes']} (seed {report['seed']})", "",
-             f"{'expression kind':<16}{'n':>6}{'Acc@0.5':>10}{'mean IoU':>10}"]
+             f"{'expression kind':<16}{'n':>6}{'Acc@0.5':>10}{'mean IoU':>10}{'pointing':>10}"]
     for kind, row in report["grounding"].items():
-        lines.append(f"{kind:<16}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['mean_iou']:>10.3f}")
+        pointing = "-" if row.get("pointing") is None else f"{row['pointing']:.3f}"
+        lines.append(f"{kind:<16}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['mean_iou']:>10.3f}{pointing:>10}")
+    lines += ["", "Acc@0.5: the bbox head's box has IoU >= 0.5 with the target. pointing: the patch-ITC heatmap's "
+              "hottest cell lies in the target box (what the heatmap alone localises)."]
     lines += ["", f"{'ITC retrieval':<16}{'n':>6}{'R@1':>10}"]
     for gran, row in report["retrieval"].items():
         r1 = "-" if row["r@1"] is None else f"{row['r@1']:.3f}"
         lines.append(f"{gran:<16}{row['n']:>6}{r1:>10}")
+    if "box_probe_r2" in report:
+        r = report["box_probe_r2"]
+        lines += ["", f"linear read-out of the object box from its concept [CLS] (R^2 on {r['n_scored']} held-out "
+                      f"objects): cx {r['cx']:.3f}  cy {r['cy']:.3f}  w {r['w']:.3f}  h {r['h']:.3f}"]
     return "\n".join(lines)
 
 
@@ -106,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--probe", action="store_true",
+                   help="also fit a linear read-out of object boxes from concept features (a bbox-head diagnostic)")
     args = p.parse_args(argv)
     g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
-    report = evaluate(g, args.scenes, args.retrieval, args.seed)
+    report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -33,17 +33,26 @@ def contrastive_loss(image_feat, text_feat, temp, idx) -> torch.Tensor:
     return (i2t + t2i) / 2
 
 
-def sample_hard_negatives(image_feat, text_feat, temp, idx, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(image_feat, text_feat, temp, idx, describes=None,
+                          generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each pair, a negative visual for its text and a negative text for its visual, drawn in proportion to ITC
-    similarity among pairs whose text differs (the official hard-negative mining)."""
+    similarity among pairs whose text differs (the official hard-negative mining).
+
+    `describes` [P, P] (optional): text i truly describes visual j although the texts differ ("the red circle" and
+    another image's red circle). Such pairs are never drawn: they are the most similar, so hard-negative mining
+    would pick them first and teach ITM contradictory labels."""
     with torch.no_grad():
         sim = image_feat @ text_feat.T / temp
         same = idx[:, None] == idx[None, :]
-        w_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(same, 0)
-        w_t2i = (F.softmax(sim.T, dim=1) + 1e-5).masked_fill(same, 0)
-        no_neg = same.all(dim=1)   # every pair has the same text: fall back to uniform over the others
-        w_i2t[no_neg] = 1.0
-        w_t2i[no_neg] = 1.0
+        if describes is not None:
+            same_t2i = same | describes          # rows: texts, columns: visuals
+            same_i2t = same | describes.T        # rows: visuals, columns: texts
+        else:
+            same_t2i = same_i2t = same
+        w_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(same_i2t, 0)
+        w_t2i = (F.softmax(sim.T, dim=1) + 1e-5).masked_fill(same_t2i, 0)
+        w_i2t[same_i2t.all(dim=1)] = 1.0   # nothing left to draw from: fall back to uniform
+        w_t2i[same_t2i.all(dim=1)] = 1.0
         neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
         neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     return neg_image, neg_text
@@ -98,9 +107,9 @@ def bbox_loss(pred_cxcywh, target_cxcywh) -> tuple[torch.Tensor, torch.Tensor]:
 def attention_guidance_loss(attention_map: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
     """-log of the cross-attention mass the fused [CLS] puts on the target box's patches, for the best head.
 
-    Not an X-VLM objective: a training aid for our from-scratch, CPU-sized default model, where the bbox head otherwise
-    waits for attention to find the box by itself (see weights/README.md). Only one head per layer has to look at
-    the target, so the others stay free for what relations need (the reference object).
+    Not an X-VLM objective: a training aid for our from-scratch, CPU-sized default model (see weights/README.md),
+    whose bbox head otherwise waits for the attention to find the box by itself. Only one head has to look at the
+    target, so the others stay free for what relations need (the reference object).
     attention_map [P, heads, T, 1+N] (softmax over image tokens); patch_mask [P, 1+N], entry 0 ignored.
     """
     target = patch_mask[:, 1:].to(attention_map.dtype)

@@ -30,6 +30,7 @@ from . import losses
 from .box_ops import xyxy_to_cxcywh
 from .checkpoint import save_pretrained
 from .config import TextConfig, VisionConfig, XVLMConfig
+from .data.synthetic import Desc
 from .models import XVLM, ImageContext, box_patch_mask
 from .models.bert import additive_mask
 from .preprocess import Tokenizer, image_to_tensor, write_wordpiece_vocab
@@ -46,6 +47,7 @@ class Stage:
     phrases_per_image: int = 4
     warmup: int = 100
     align_cross_attention: bool = False       # start by pointing fusion attention where patch ITC is high
+    trainable: str = "all"                    # "all", or "fusion": fusion layers + ITM/bbox heads, encoders frozen
 
 
 @dataclass
@@ -75,6 +77,11 @@ RECIPES: dict[str, Recipe] = {
               phrase_kinds=ALL_KINDS, phrases_per_image=4),
         Stage("grounding", steps=600, lr=2e-4, loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=4, warmup=50, align_cross_attention=True),
+        # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): a step costs a vision forward and
+        # the small fusion, so twice the box queries per step at about half the cost. ITM stays on because the
+        # fusion it reads moves.
+        Stage("grounding-fusion", steps=900, lr=5e-4, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
+              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=8, warmup=100, trainable="fusion"),
     ]),
     # A few steps of a tiny model: tests and smoke runs.
     "shapes-tiny": Recipe(
@@ -87,7 +94,9 @@ RECIPES: dict[str, Recipe] = {
                   phrase_kinds=ALL_KINDS, phrases_per_image=2, warmup=1),
             Stage("grounding", steps=2, lr=1e-3, loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1},
                   phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=2, warmup=1,
-                  align_cross_attention=True)]),
+                  align_cross_attention=True),
+            Stage("grounding-fusion", steps=2, lr=1e-3, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
+                  phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=2, warmup=1, trainable="fusion")]),
 }
 
 
@@ -145,19 +154,37 @@ def distinct_concepts(phrases, stage: Stage, rng: random.Random) -> list:
     return chosen
 
 
+def _meaning(phrase, objects):
+    """(what the text asks of an object, the object its box holds) for single-object phrases of synthetic scenes;
+    None where unknown (captions, regions, user data)."""
+    if not objects or len(phrase.target) != 1:
+        return None, None
+    obj = objects[phrase.target[0]]
+    if phrase.spec is not None:
+        return phrase.spec.target, obj
+    if phrase.kind == "object":   # "red circle" / "small red circle": colour and shape at least (size ignored: safe side)
+        return Desc(color=obj.color, shape=obj.shape), obj
+    return None, obj
+
+
 def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: random.Random) -> dict:
     """Samples -> one batch of pairs. Pair j: visual = image group[j] masked by patch_mask[j]; text = ids[j]."""
     res, grid = cfg.vision.image_res, cfg.vision.grid_size
-    images, texts, group, boxes, is_image = [], [], [], [], []
+    images, texts, group, boxes, is_image, wants, holds = [], [], [], [], [], [], []
     for i, s in enumerate(samples):
         images.append(image_to_tensor(s.image, res))
         W, H = s.image.size
         if s.caption:
             texts.append(s.caption), group.append(i), boxes.append((0.0, 0.0, 1.0, 1.0)), is_image.append(True)
+            wants.append(None), holds.append(None)
         for p in distinct_concepts(s.phrases, stage, rng):
             x0, y0, x1, y1 = p.box
             texts.append(p.text), group.append(i), is_image.append(False)
             boxes.append((max(x0 / W, 0.0), max(y0 / H, 0.0), min(x1 / W, 1.0), min(y1 / H, 1.0)))
+            want, held = _meaning(p, s.objects)
+            wants.append(want), holds.append(held)
+    describes = torch.tensor([[w is not None and o is not None and w.matches(o) for o in holds] for w in wants],
+                             dtype=torch.bool).reshape(len(texts), len(texts))
     tok = tokenizer(texts)
     xyxy = torch.tensor(boxes, dtype=torch.float32)
     patch_mask = box_patch_mask(xyxy, grid)
@@ -165,7 +192,7 @@ def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: r
     return {"images": torch.stack(images), "group": torch.tensor(group), "patch_mask": patch_mask,
             "input_ids": tok.input_ids, "attention_mask": tok.attention_mask,
             "idx": torch.tensor([text_id(c) for c in tok.captions]), "is_image": torch.tensor(is_image),
-            "boxes": xyxy_to_cxcywh(xyxy)}
+            "boxes": xyxy_to_cxcywh(xyxy), "describes": describes}
 
 
 # --- the objective ------------------------------------------------------------------------------------------------
@@ -176,11 +203,13 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.model, self.tokenizer, self.mask_prob = model, tokenizer, mask_prob
         self.weights: dict[str, float] = {}
+        self.frozen_vision = False
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         m, w = self.model, self.weights
         ids, tmask = batch["input_ids"], batch["attention_mask"]
-        tokens = m.encode_image(batch["images"])                                    # one vision pass per image
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_vision):
+            tokens = m.encode_image(batch["images"])                                # one vision pass per image
         visual = losses.concept_visuals(tokens, batch["group"], batch["patch_mask"])  # image / region / object
         text_embeds = m.encode_text(ids, tmask)
         out: dict[str, torch.Tensor] = {}
@@ -190,7 +219,8 @@ class Pretrainer(nn.Module):
         if w.get("itc"):
             out["itc"] = losses.contrastive_loss(image_feat, text_feat, m.temp, batch["idx"])
         if w.get("itm"):
-            neg_image, neg_text = losses.sample_hard_negatives(image_feat, text_feat, m.temp, batch["idx"])
+            neg_image, neg_text = losses.sample_hard_negatives(image_feat, text_feat, m.temp, batch["idx"],
+                                                                batch.get("describes"))
             out["itm"] = losses.matching_loss(m, visual, batch["patch_mask"], text_embeds, tmask, neg_image, neg_text)
         if w.get("mlm"):
             t = self.tokenizer
@@ -287,8 +317,37 @@ def make_tokenizer(out: Path, cfg: XVLMConfig, vocab: str | None) -> Tokenizer:
     return Tokenizer(vocab_path, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
 
 
+def make_optimizer(model: XVLM, stage: Stage, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the stage's trainable parameters (no decay on biases, LayerNorms and embeddings); freezes the rest.
+
+    "fusion" trains the fusion layers and the ITM/bbox heads; the vision encoder, the text layers and the ITC
+    projections keep their weights (and run in eval mode), so ITC scores and heatmaps do not move.
+    """
+    if stage.trainable not in ("all", "fusion"):
+        raise ValueError(f"unknown trainable scope {stage.trainable!r}")
+    model.train()
+    if stage.trainable == "all":
+        model.requires_grad_(True)
+    else:
+        fusion = {id(p) for layer in model.text_encoder.fusion_layers for p in layer.parameters()}
+        for name, p in model.named_parameters():
+            p.requires_grad_(id(p) in fusion or name.startswith(("bbox_head.", "itm_head.")))
+        model.vision_encoder.eval()
+        model.text_encoder.embeddings.eval()
+        for layer in model.text_encoder.encoder.layer[: model.cfg.text.fusion_layer]:
+            layer.eval()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim > 1 and "embeddings" not in n]
+    no_decay = [p for n, p in params if not (p.ndim > 1 and "embeddings" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+
+
 def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None, resume: bool = True,
-          ckpt_every: int = 200, max_minutes: float | None = None, progress: bool = True) -> XVLM:
+          ckpt_every: int = 200, max_minutes: float | None = None, progress: bool = True,
+          init: str | Path | None = None, start_stage: str | None = None) -> XVLM:
+    """Run (or resume) a recipe. `init` + `start_stage`: begin at that stage from a saved model folder (each stage
+    starts a fresh optimizer, so this equals running the earlier stages, given their weights)."""
     out = Path(out)
     rank, world, device = setup_distributed()
     if rank == 0:
@@ -305,24 +364,27 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
     torch.manual_seed(recipe.seed)                     # identical initial weights on every rank
     model = XVLM(cfg).to(device)
     objective = Pretrainer(model, tokenizer, recipe.mask_prob)
-    wrapped = (nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if world > 1 else objective)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embeddings" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=recipe.stages[0].lr)
     source = source or SyntheticSource(recipe.seed)
     json.dump({"recipe": dataclasses.asdict(recipe), "model": cfg.to_dict(), "world_size": world},
               open(out / "recipe.json", "w"), indent=2) if rank == 0 else None
 
-    start = 0
+    start, state = 0, None
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {start}")
+    elif init is not None:
+        names = [s.name for s in recipe.stages]
+        if start_stage not in names:
+            raise ValueError(f"--start-stage must be one of {names} with --init, got {start_stage!r}")
+        from .checkpoint import load_pretrained
+        model.load_state_dict(load_pretrained(init).state_dict())
+        start = sum(s.steps for s in recipe.stages[:names.index(start_stage)])
+        if rank == 0:
+            print(f"initialised from {init}; starting at stage {start_stage} (step {start})")
 
     total_steps = sum(s.steps for s in recipe.stages)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
@@ -332,7 +394,15 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
     model.train()
     for stage_index, stage in enumerate(recipe.stages):
         first = sum(s.steps for s in recipe.stages[:stage_index])
+        if step >= first + stage.steps:
+            continue
         objective.weights = {k: v for k, v in stage.loss_weights.items() if v}
+        objective.frozen_vision = stage.trainable != "all"
+        optimizer = make_optimizer(model, stage, recipe.weight_decay)   # fresh per stage, as a fine-tuning run
+        if state is not None and first < int(state["step"]) < first + stage.steps:
+            optimizer.load_state_dict(state["optimizer"])                 # resuming inside this stage
+        wrapped = (nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+                   if world > 1 else objective)
         if stage.align_cross_attention and step == first:
             rng = random.Random(hash((recipe.seed, "align", stage_index)))
             probe = collate(source.batch(10**9 + stage_index, rank, recipe.batch_images), tokenizer, cfg, stage, rng)
@@ -351,7 +421,7 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
             loss = objective.total(out_losses)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.grad_clip)
             optimizer.step()
             step += 1
             values = {k: round(v.item(), 4) for k, v in out_losses.items()}
@@ -371,6 +441,7 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
                 return model.eval()
     bar.close()
     model.eval()
+    model.requires_grad_(True)
     if rank == 0:
         save_pretrained(model, out / "final")
         (out / "final" / "vocab.txt").write_text((out / "vocab.txt").read_text())
@@ -410,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", help="vocab.txt for --data (default: the synthetic corpus' vocabulary)")
     p.add_argument("--export", help="copy the final model here (e.g. weights/xvlm-shapes)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--init", help="model folder to start from (with --start-stage), e.g. a previous export")
+    p.add_argument("--start-stage", help="with --init: the recipe stage to start at")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -425,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
                   "caption": official.load_image_text_json}[args.data_format]
         source = ListSource([s for f in args.data for s in loader(f, args.image_root)], recipe.seed)
     t0 = time.time()
+    if args.init and not args.vocab:
+        args.vocab = str(Path(args.init) / "vocab.txt")
     train(recipe, args.out, source=source, vocab=args.vocab, resume=not args.no_resume,
-          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes)
+          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, init=args.init, start_stage=args.start_stage)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         print(f"training wall time: {(time.time() - t0) / 60:.1f} min")

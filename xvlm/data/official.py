@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from .synthetic import Phrase, Scene
+from .synthetic import Phrase, Scene, SceneObject
 
 
 @dataclass(init=False)
@@ -26,12 +26,14 @@ class Sample:
     caption: str | None
     phrases: list[Phrase]
     source: Image.Image | Path
+    objects: list[SceneObject]     # synthetic scenes only: what `Phrase.target` indexes (ITM false negatives)
 
     def __init__(self, image: Image.Image | str | os.PathLike, caption: str | None = None,
-                 phrases: list[Phrase] | None = None):
+                 phrases: list[Phrase] | None = None, objects: list[SceneObject] | None = None):
         self.source = image if isinstance(image, Image.Image) else Path(image)
         self.caption = caption
         self.phrases = list(phrases or [])
+        self.objects = list(objects or [])
 
     @property
     def image(self) -> Image.Image:
@@ -44,7 +46,7 @@ class Sample:
 
 def scene_to_sample(scene: Scene) -> Sample:
     """A synthetic scene as a training record: caption + object, region and referring-expression phrases."""
-    return Sample(scene.image, scene.caption, scene.objects_text + scene.regions + scene.refexps)
+    return Sample(scene.image, scene.caption, scene.objects_text + scene.regions + scene.refexps, scene.objects)
 
 
 def load_image_text_json(path: str | os.PathLike, image_root: str | os.PathLike = "") -> list[Sample]:

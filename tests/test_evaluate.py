@@ -1,0 +1,86 @@
+"""The eval command's metrics: Acc@0.5 / mean IoU of the bbox head, heatmap pointing, and the printed report."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from xvlm import bench
+from xvlm.evaluate import eval_scenes, evaluate, format_report, grounding_accuracy, heatmap_points_into_box
+
+
+def test_pointing_is_true_only_when_the_hottest_cell_is_in_the_box():
+    heat = np.zeros((12, 12))
+    heat[3, 9] = 1.0                                   # cell centre at x = 9.5 * 20 = 190, y = 3.5 * 10 = 35
+    assert heatmap_points_into_box(heat, (180, 30, 200, 40), (240, 120))
+    assert heatmap_points_into_box(heat, (195, 30, 220, 40), (240, 120))       # within half a cell of the edge
+    assert not heatmap_points_into_box(heat, (0, 0, 100, 100), (240, 120))
+
+
+class _Oracle:
+    """Answers each phrase with its target box (or a shifted one) and a heatmap hot at the box centre."""
+
+    def __init__(self, scenes, shift: float):
+        self.targets = {id(s.image): {p.text: p.box for p in s.refexps} for s in scenes}
+        self.shift = shift
+
+    def ground(self, image, phrases):
+        W, H = image.size
+        out = []
+        for text in phrases:
+            x0, y0, x1, y1 = self.targets[id(image)][text]
+            heat = np.zeros((12, 12))
+            heat[min(int((y0 + y1) / 2 / H * 12), 11), min(int((x0 + x1) / 2 / W * 12), 11)] = 1
+            dx = self.shift * W
+            out.append(SimpleNamespace(box_xyxy=[x0 + dx, y0, x1 + dx, y1], patch_heatmap=heat))
+        return out
+
+
+def test_metrics_are_one_for_exact_boxes_and_zero_for_far_ones():
+    scenes = eval_scenes(6)
+    exact = grounding_accuracy(_Oracle(scenes, 0.0), scenes)
+    n = sum(len(s.refexps) for s in scenes)
+    assert exact["all"]["n"] == n > 0
+    assert exact["all"]["acc@0.5"] == 1.0 and exact["all"]["mean_iou"] == pytest.approx(1.0)
+    assert exact["all"]["pointing"] == 1.0
+    far = grounding_accuracy(_Oracle(scenes, 2.0), scenes)           # every box moved off the image
+    assert far["all"]["acc@0.5"] == 0.0 and far["all"]["mean_iou"] == 0.0
+
+
+def test_eval_report_on_a_tiny_model(tmp_path):
+    g = bench.tiny_grounder("cpu", tmp_path)
+    report = evaluate(g, n_scenes=4, n_retrieval=4)
+    kinds = set(report["grounding"]) - {"all"}
+    assert kinds and kinds <= {"attribute", "size", "position", "relation"}
+    for row in report["grounding"].values():
+        assert 0 <= row["acc@0.5"] <= 1 and 0 <= row["mean_iou"] <= 1 and 0 <= row["pointing"] <= 1
+    for gran in ("image", "region", "object"):
+        assert 0 <= report["retrieval"][gran]["r@1"] <= 1
+    text = format_report(report)
+    assert "Acc@0.5" in text and "pointing" in text and "R@1" in text
+
+
+def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):
+    """A vision encoder whose patch tokens are their own grid coordinates: the concept mean carries the box centre
+    exactly, so the read-out must find it (R^2 ~ 1), while a constant encoder gives nothing to read."""
+    import torch
+
+    from xvlm.evaluate import box_probe_r2
+    g = bench.tiny_grounder("cpu", tmp_path)
+    grid = g.grid_size
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    coords = torch.stack([(cols.flatten() + 0.5) / grid, (rows.flatten() + 0.5) / grid], dim=1)
+    width = g.model.cfg.vision.width
+
+    def coordinate_tokens(images):
+        patches = torch.zeros(len(images), grid * grid, width)
+        patches[..., :2] = coords
+        return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
+
+    monkeypatch.setattr(g.model, "encode_image", coordinate_tokens)
+    scenes = eval_scenes(40)
+    r2 = box_probe_r2(g, scenes)
+    assert r2["cx"] > 0.9 and r2["cy"] > 0.9 and r2["n_scored"] > 10
+    g.cache.clear()
+    monkeypatch.setattr(g.model, "encode_image", lambda images: torch.ones(len(images), 1 + grid * grid, width))
+    flat = box_probe_r2(g, scenes)
+    assert flat["cx"] < 0.1 and flat["w"] < 0.1
