@@ -9,7 +9,9 @@ Options (each also an environment variable, the flag wins):
     --preset NAME       XVLM_PRESET       ... or by a built-in preset (xvlm-base-4m, xvlm-base-refcoco-bbox, ...)
     --tokenizer VOCAB   XVLM_TOKENIZER    ... with the bert-base-uncased vocab.txt (or its folder)
     --model DIR         XVLM_MODEL        a model folder in our format (config.json + model.safetensors + vocab.txt)
+    --compile           XVLM_COMPILE=1    torch.compile the vision encoder (worth it on a GPU; slow first load)
     --host, --port, --share               where to serve (default 127.0.0.1:7860; 0.0.0.0 on a Space)
+Each model is warmed up with one query on a blank image when it loads, so the first user does not wait for it.
 Models named by flags come first in the model selector (the first one is selected); the default model follows when
 present. Limits (phrases, upload size, queue) are in app/callbacks.py.
 """
@@ -37,6 +39,8 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT") or 7860))
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--compile", action="store_true", default=env.get("XVLM_COMPILE", "") in ("1", "true", "yes"),
+                   help="torch.compile each model's vision encoder (GPU)")
     return p.parse_args(argv)
 
 
@@ -49,7 +53,7 @@ def build_registry(args: argparse.Namespace) -> ModelRegistry:
         bad = spec.problems()
         if bad:
             raise ModelUnavailable(f"model '{spec.name}': " + "; ".join(bad))
-    return ModelRegistry(specs)
+    return ModelRegistry(specs, compile=args.compile)
 
 
 def main(argv=None) -> int:
@@ -61,8 +65,9 @@ def main(argv=None) -> int:
     except ModelUnavailable as e:
         print(f"[xvlm-demo] cannot start: {e}", file=sys.stderr)
         return 2
-    from app.ui import build_demo, launch_kwargs
+    from app.ui import build_demo, launch_kwargs, limit_malloc_arenas
 
+    limit_malloc_arenas()
     demo = build_demo(registry)
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())

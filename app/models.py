@@ -71,7 +71,9 @@ class ModelRegistry:
     """name -> spec, and name -> loaded Grounder (filled lazily). Thread-safe: one load per model, and `lock(name)`
     serialises inference on one model (the encoding cache and the Grad-CAM hooks are not re-entrant)."""
 
-    def __init__(self, specs: list[ModelSpec] | None = None, grounders: Mapping[str, Grounder] | None = None):
+    def __init__(self, specs: list[ModelSpec] | None = None, grounders: Mapping[str, Grounder] | None = None,
+                 compile: bool = False):
+        self.compile = compile           # torch.compile each model's vision encoder when it loads (GPU Spaces)
         self._specs: dict[str, ModelSpec] = {s.name: s for s in (specs or [])}
         self._models: dict[str, Grounder] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -127,6 +129,9 @@ class ModelRegistry:
                     raise
                 except Exception as e:  # a broken file should not take the page down
                     raise ModelUnavailable(f"could not load model '{name}': {type(e).__name__}: {e}") from e
+                if self.compile:
+                    g.compile_vision()
+                g.warmup()               # the first user's query should not pay for lazy initialisation
                 self._models[name] = g
         return self._models[name]
 

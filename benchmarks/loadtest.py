@@ -338,8 +338,9 @@ def serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from app.callbacks import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE
-    from app.ui import build_demo, launch_kwargs
+    from app.ui import build_demo, launch_kwargs, limit_malloc_arenas
 
+    limit_malloc_arenas()                                                             # as app.py does
     registry = build_registry(args.model, args.device, args.cache_entries)
     g = registry.get(registry.default)
     out_dir = Path(tempfile.mkdtemp(prefix="xvlm-loadtest-json-"))

@@ -323,6 +323,7 @@ def test_model_registry_is_lazy_and_explains_problems(tmp_path, box_only_checkpo
     assert not reg.is_loaded(name)
     g = reg.get(name)
     assert reg.is_loaded(name) and reg.get(name) is g and g.capabilities["box"] and not g.capabilities["itc"]
+    assert g.stats["vision_passes"] == 0 and len(g.cache) == 0      # warmed up on load, counters untouched
     with pytest.raises(ModelUnavailable, match="unknown model"):
         reg.get("nope")
     bad = ModelRegistry([ModelSpec("broken", "official", str(tmp_path / "x.pth"), preset="xvlm-base-4m")])
@@ -351,6 +352,8 @@ def test_app_flags_and_env_vars(tmp_path, capsys):
         ("flag.pth", "xvlm-base-4m", "vocab.txt", "some/dir", None)
     assert args.port == 7999 and args.host == "127.0.0.1" and not args.share
     assert main.parse_args([], env={"SPACE_ID": "me/demo"}).host == "0.0.0.0"
+    assert not args.compile and main.parse_args([], env={"XVLM_COMPILE": "1"}).compile
+    assert main.build_registry(main.parse_args(["--compile"], env={})).compile
     # a missing model is a clear message and exit code 2, not a traceback
     rc = main.main(["--checkpoint", str(tmp_path / "missing.pth"), "--preset", "xvlm-base-4m",
                     "--tokenizer", str(F / "vocab.txt")])

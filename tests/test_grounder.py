@@ -227,3 +227,16 @@ def test_rejected_boxes_leave_the_cache_untouched(g):
     with pytest.raises(InputError):
         g.concept_scores(IMAGES[1], PHRASES[:1], [[50, 50, 10, 10]])
     assert cache_state(g) == before
+
+
+def test_warmup_runs_the_model_and_leaves_cache_and_counters_as_they_were(g, monkeypatch):
+    g.ground(IMAGES[0], "circle")
+    before = cache_state(g)
+    calls = []
+    encode = g.model.encode_image
+    monkeypatch.setattr(g.model, "encode_image", lambda x: calls.append(x.shape) or encode(x))
+    assert g.warmup() is g
+    assert calls, "warm-up must run the vision encoder"
+    assert cache_state(g) == before
+    g.ground(IMAGES[0], "circle")                       # the user's image is still cached
+    assert g.stats["vision_passes"] == before[2]["vision_passes"]

@@ -345,11 +345,6 @@ def _render(pil, result) -> np.ndarray:
     return draw_boxes(pil, [result])
 
 
-def compile_vision(g) -> None:
-    """torch.compile the vision encoder in place (parameter names unchanged)."""
-    g.model.vision_encoder.compile()
-
-
 def bench_grounder(g, image_path: Path, repeats: int, warmup: int, compiled: bool = False,
                    memory: MemoryProbe | None = None) -> ModelReport:
     from .preprocess import load_image
@@ -551,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(msg)
                 continue
             if a.compile:
-                compile_vision(g)
+                g.compile_vision()
             probe.loaded()
             report = bench_grounder(g, image, a.repeats, a.warmup, compiled=a.compile, memory=probe)
             print(format_text(report), flush=True)
