@@ -33,15 +33,16 @@ class ImageContext:
     cls: torch.Tensor        # [P, C]    token 0 seen by text p
     patches: torch.Tensor    # [B, N, C] patch tokens per image
     index: torch.Tensor      # [P]       image row of text p
+    shared: bool = False     # every text sees image 0 with the same [CLS] (inference: N phrases, one image)
 
     @classmethod
     def single(cls, tokens: torch.Tensor, n_texts: int) -> "ImageContext":
         """One image's [1, 1+N, C] tokens shared by n texts."""
         return cls(tokens[:, 0].expand(n_texts, -1), tokens[:, 1:], torch.zeros(n_texts, dtype=torch.long,
-                                                                                 device=tokens.device))
+                                                                                 device=tokens.device), shared=True)
 
     def select(self, rows: torch.Tensor) -> "ImageContext":
-        return ImageContext(self.cls[rows], self.patches, self.index[rows])
+        return ImageContext(self.cls[rows], self.patches, self.index[rows], self.shared)
 
     def __len__(self) -> int:
         return len(self.cls)
@@ -90,9 +91,11 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                 context: torch.Tensor | ImageContext | None = None) -> torch.Tensor:
         context = hidden if context is None else context
+        if isinstance(context, ImageContext) and context.shared and mask is None and not self.keep_attention:
+            return self._attend_one_image(hidden, context)
         if isinstance(context, ImageContext):
             k, v = self._heads(context.project(self.key)), self._heads(context.project(self.value))
         else:
@@ -100,15 +103,29 @@ class BertSelfAttention(nn.Module):
         q = self._heads(self.query(hidden))
         dropout = self.dropout_p if self.training else 0.0
         if self.keep_attention:
-            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + mask
+            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
+            scores = scores if mask is None else scores + mask
             probs = scores.softmax(dim=-1)
             if probs.requires_grad:
                 probs.retain_grad()
             self.attention_map = probs
             out = F.dropout(probs, dropout, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                                 dropout_p=dropout)
         return out.transpose(1, 2).flatten(2)
+
+    def _attend_one_image(self, hidden: torch.Tensor, image: ImageContext) -> torch.Tensor:
+        """All texts attend to the same unmasked image: its keys/values once, and every text's queries as rows of one
+        attention call (each row's softmax is over the same keys, so this equals the per-text form) instead of P
+        copies of the image's keys and values."""
+        tokens = torch.cat([image.cls[:1, None], image.patches[:1]], dim=1)                 # [1, 1+N, C]
+        k, v = self._heads(self.key(tokens)), self._heads(self.value(tokens))                # [1, h, 1+N, d]
+        q = self._heads(self.query(hidden))                                                  # [P, h, T, d]
+        P, h, T, d = q.shape
+        q = q.transpose(0, 1).reshape(1, h, P * T, d)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
+        return out.reshape(h, P, T, d).permute(1, 2, 0, 3).flatten(2)                        # [P, T, h*d]
 
 
 class BertAttentionOutput(nn.Module):
@@ -195,10 +212,8 @@ class BertModel(nn.Module):
         """Fusion layers over text; `image` is [B, 1+N, C] tokens or an ImageContext; `image_mask` [B, 1+N] 0/1
         restricts cross-attention to a concept's patches (None: the whole image)."""
         mask = additive_mask(attention_mask, text_embeds.dtype)
-        if image_mask is None:
-            n_tokens = image.patches.shape[1] + 1 if isinstance(image, ImageContext) else image.shape[1]
-            image_mask = torch.ones(len(text_embeds), n_tokens, device=text_embeds.device)
-        image_mask = additive_mask(image_mask, text_embeds.dtype)
+        if image_mask is not None:
+            image_mask = additive_mask(image_mask, text_embeds.dtype)
         hidden = text_embeds
         for layer in self.fusion_layers:
             hidden = layer(hidden, mask, image, image_mask)
