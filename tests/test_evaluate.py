@@ -84,3 +84,30 @@ def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):
     monkeypatch.setattr(g.model, "encode_image", lambda images: torch.ones(len(images), 1 + grid * grid, width))
     flat = box_probe_r2(g, scenes)
     assert flat["cx"] < 0.1 and flat["w"] < 0.1
+
+
+def test_itm_metric_counts_present_and_absent_labels():
+    scenes = eval_scenes(8)
+
+    class Judge:
+        """An ITM that is right: probability 0.9 for labels whose colour and shape the scene holds."""
+        _itm_model = object()
+
+        meaning = {p.text: (s.objects[p.target[0]].color, s.objects[p.target[0]].shape)
+                   for s in scenes for p in s.objects_text}
+
+        def ground(self, image, phrases):
+            scene = next(s for s in scenes if s.image is image)
+            held = {(o.color, o.shape) for o in scene.objects}
+            return [SimpleNamespace(itm=0.9 if self.meaning[p] in held else 0.1) for p in phrases]
+
+    from xvlm.evaluate import itm_present_absent
+    right = itm_present_absent(Judge(), scenes)
+    assert right["n"] > 0 and right["accuracy"] == 1.0 and right["ranking"] == 1.0
+
+    class Contrary(Judge):
+        def ground(self, image, phrases):
+            return [SimpleNamespace(itm=1 - r.itm) for r in super().ground(image, phrases)]
+
+    wrong = itm_present_absent(Contrary(), scenes)
+    assert wrong["accuracy"] == 0.0 and wrong["ranking"] == 0.0

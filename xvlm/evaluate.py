@@ -7,6 +7,7 @@ pointing accuracy (the patch-ITC heatmap's hottest cell inside the target box).
 Retrieval: text -> visual ITC R@1 among N candidates (one per scene) at image (caption vs image), region (region
 phrase vs its box's concept) and object (object label vs its box's concept) granularity. A retrieved candidate whose
 text equals the query counts as a hit (two scenes may both hold a "small red circle").
+ITM: the match probability of an object label the scene holds against one it does not hold.
 """
 from __future__ import annotations
 
@@ -96,6 +97,27 @@ def retrieval_r1(g: Grounder, scenes, granularity: str) -> dict:
     return {"n": len(texts), "r@1": float(np.mean(hits))}
 
 
+def itm_present_absent(g: Grounder, scenes) -> dict:
+    """ITM on the whole image: an object label of the scene ("red circle") against the label of an object that the
+    scene does not hold (same vocabulary, another scene's colour-shape pair). accuracy: both sides of 0.5 right;
+    ranking: the present label scores higher."""
+    if g._itm_model is None:
+        return {"n": 0, "accuracy": None, "ranking": None, "note": "model has no ITM head"}
+    labels = [(p.text, (s.objects[p.target[0]].color, s.objects[p.target[0]].shape))
+              for s in scenes for p in s.objects_text if len(p.target) == 1]
+    correct, ranked = [], []
+    for i, scene in enumerate(scenes):
+        held = {(o.color, o.shape) for o in scene.objects}
+        present = [text for text, key in labels if key in held and text in {p.text for p in scene.objects_text}]
+        absent = [text for text, key in labels[i:] + labels[:i] if key not in held]
+        if not present or not absent:
+            continue
+        pos, neg = g.ground(scene.image, [present[0], absent[0]])
+        correct += [pos.itm > 0.5, neg.itm < 0.5]
+        ranked.append(pos.itm > neg.itm)
+    return {"n": len(ranked), "accuracy": float(np.mean(correct)), "ranking": float(np.mean(ranked))}
+
+
 @torch.inference_mode()
 def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
     """R^2 of a least-squares linear read-out of each object's box (cx, cy, w, h) from its visual concept [CLS]
@@ -129,6 +151,7 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(g, scenes)}
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
+    report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
     if probe:
         g.cache.clear()
         report["box_probe_r2"] = box_probe_r2(g, scenes)
@@ -147,6 +170,10 @@ def format_report(report: dict) -> str:
     for gran, row in report["retrieval"].items():
         r1 = "-" if row["r@1"] is None else f"{row['r@1']:.3f}"
         lines.append(f"{gran:<16}{row['n']:>6}{r1:>10}")
+    itm = report.get("itm")
+    if itm and itm["n"]:
+        lines += ["", f"ITM, present vs absent object label ({itm['n']} scenes): accuracy {itm['accuracy']:.3f}  "
+                      f"ranking {itm['ranking']:.3f}"]
     if "box_probe_r2" in report:
         r = report["box_probe_r2"]
         lines += ["", f"linear read-out of the object box from its concept [CLS] (R^2 on {r['n_scored']} held-out "

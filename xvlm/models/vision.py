@@ -97,8 +97,12 @@ def concept_cls(image_tokens: torch.Tensor, patch_mask: torch.Tensor, index: tor
     (default: concept p is on image p). Returns [P, C].
     """
     weights = patch_mask[:, 1:].to(image_tokens.dtype)
-    patches = image_tokens[:, 1:] if index is None else image_tokens[index, 1:]
-    return torch.einsum("pn,pnc->pc", weights, patches) / weights.sum(dim=1, keepdim=True)
+    if image_tokens.shape[0] == 1:      # every concept on the one image: a matmul, no per-concept copy of the patches
+        pooled = weights @ image_tokens[0, 1:]
+    else:
+        patches = image_tokens[:, 1:] if index is None else image_tokens[index, 1:]
+        pooled = torch.einsum("pn,pnc->pc", weights, patches)
+    return pooled / weights.sum(dim=1, keepdim=True)
 
 
 def concept_tokens(image_tokens: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
