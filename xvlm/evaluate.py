@@ -108,7 +108,7 @@ def itm_present_absent(g: Grounder, scenes) -> dict:
     correct, ranked = [], []
     for i, scene in enumerate(scenes):
         held = {(o.color, o.shape) for o in scene.objects}
-        present = [text for text, key in labels if key in held and text in {p.text for p in scene.objects_text}]
+        present = [p.text for p in scene.objects_text if len(p.target) == 1]
         absent = [text for text, key in labels[i:] + labels[:i] if key not in held]
         if not present or not absent:
             continue
