@@ -84,20 +84,24 @@ def test_concept_scores_reuse_the_cached_encoding(models, png):
     assert vision.batches == [] and g.stats["vision_passes"] == 1
 
 
-# --- N phrases: one batched text/fusion pass ----------------------------------------------------------------------
-def test_phrases_share_one_batched_fusion_pass(g, png, monkeypatch):
+# --- N phrases: one packed text/fusion pass -----------------------------------------------------------------------
+def test_phrases_share_one_packed_fusion_pass_without_padding(g, png, monkeypatch):
+    """All N phrases go through the text and fusion layers as ONE sequence of exactly their tokens (no padding to
+    the longest), and the heads read one [CLS] per phrase."""
     te = g.model.text_encoder
-    fuse_batches = []
+    fuse_shapes = []
     real_fuse = te.fuse
 
     def counting_fuse(text_embeds, *args, **kw):
-        fuse_batches.append(text_embeds.shape[0])
+        fuse_shapes.append(tuple(text_embeds.shape[:2]))
         return real_fuse(text_embeds, *args, **kw)
 
     monkeypatch.setattr(te, "fuse", counting_fuse)        # instance attribute: XVLM.fuse calls it
     g.ground(png, PHRASES[0])                             # fill the cache; count the cached query only
-    fuse_batches.clear()
+    fuse_shapes.clear()
     n = len(PHRASES)
+    lengths = g.tokenizer(PHRASES).attention_mask.sum(dim=1)
+    assert lengths.min() < lengths.max()                  # the phrases differ in length: padding would show
     heads = [getattr(g.model, h) for h in ("bbox_head", "itm_head") if hasattr(g.model, h)]
     hooks = [Calls(h) for h in heads]
     fusion = [Calls(layer) for layer in te.fusion_layers]
@@ -106,11 +110,37 @@ def test_phrases_share_one_batched_fusion_pass(g, png, monkeypatch):
     finally:
         for c in hooks + fusion:
             c.handle.remove()
-    assert fuse_batches == [n], f"expected one fusion pass of batch {n}, got {fuse_batches}"
+    assert fuse_shapes == [(1, int(lengths.sum()))], f"expected one packed pass of {int(lengths.sum())} tokens"
     for c in hooks:
         assert [b[0] for b in c.batches] == [n]
     for c in fusion:
-        assert [b[0] for b in c.batches] == [n]
+        assert [b[:2] for b in c.batches] == [(1, int(lengths.sum()))]
+
+
+def test_packed_text_equals_the_padded_batch(g):
+    """Packing is a layout, not an approximation: every phrase's text and fused [CLS] match the padded batch; so
+    does a last fusion layer that computes only the [CLS] rows."""
+    from xvlm.models import ImageContext, PackedText
+    m = g.model
+    text = g.tokenizer(PHRASES)
+    packed = PackedText.of(text.input_ids, text.attention_mask)
+    tokens = m.encode_image(torch.randn(1, 3, m.cfg.vision.image_res, m.cfg.vision.image_res))
+    with torch.inference_mode():
+        padded_text = m.encode_text(text.input_ids, text.attention_mask)
+        padded = m.fuse(padded_text, text.attention_mask, ImageContext.single(tokens, len(PHRASES)))[:, 0]
+        packed_text = m.encode_text(packed.input_ids, packed.attention_mask, packed.position_ids)
+        fused = m.fuse(packed_text, packed.attention_mask, ImageContext.single(tokens, 1))
+        cls_only = m.fuse(packed_text, packed.attention_mask, ImageContext.single(tokens, 1), last_rows=packed.starts)
+        padded_cls_only = m.fuse(padded_text, text.attention_mask, ImageContext.single(tokens, len(PHRASES)),
+                                 last_rows=torch.tensor([0]))
+    torch.testing.assert_close(packed.firsts(packed_text)[:, 0], padded_text[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed.firsts(fused)[:, 0], padded, atol=1e-5, rtol=1e-4)
+    # the last layer computing only the [CLS] rows changes nothing in them
+    assert cls_only.shape == (1, len(PHRASES), m.cfg.text.hidden_size)
+    torch.testing.assert_close(cls_only[0], padded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded_cls_only[:, 0], padded, atol=1e-5, rtol=1e-4)
+    keep = text.attention_mask.bool()
+    torch.testing.assert_close(packed_text[0], padded_text[keep], atol=1e-5, rtol=1e-4)   # every token, not only [CLS]
 
 
 def test_cross_attention_projects_the_image_once_for_all_phrases(g, png):

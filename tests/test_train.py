@@ -194,3 +194,39 @@ def test_collate_marks_texts_that_describe_another_images_object(tmp_path):
     assert d[red_a, red_a] and d[blue, blue]
     assert not d[red_a, blue] and not d[blue, red_b]     # a different object
     assert not d[:, region].any() and not d[region].any()   # regions are left to the text ids
+
+
+def test_per_image_cross_attention_equals_attention_over_each_texts_own_tokens():
+    """Training's cross-attention keeps one copy of each image's keys/values; texts of several images with their own
+    [CLS] and patch masks must get what attention over [cls_p, patches of image p] gives — outputs, gradients and
+    the attention map that the guidance loss reads."""
+    import torch.nn.functional as F
+
+    from xvlm.config import TextConfig
+    from xvlm.models.bert import BertSelfAttention, ImageContext, additive_mask
+    torch.manual_seed(0)
+    cfg = TextConfig(vocab_size=10, hidden_size=48, num_hidden_layers=2, fusion_layer=1, num_attention_heads=3,
+                     intermediate_size=64, max_position_embeddings=16)
+    attn = BertSelfAttention(cfg, kv_width=40).eval()
+    B, N, P, T = 4, 9, 11, 5
+    patches, cls = torch.randn(B, N, 40, requires_grad=True), torch.randn(P, 40, requires_grad=True)
+    hidden = torch.randn(P, T, 48, requires_grad=True)
+    index = torch.tensor([3, 0, 0, 2, 3, 3, 1, 0, 3, 2, 0])        # unsorted, unequal texts per image
+    keep = (torch.rand(P, 1 + N) > 0.4).float()
+    keep[:, 0] = 1
+    mask = additive_mask(keep, torch.float32)
+    attn.keep_attention = True
+    out = attn(hidden, mask, ImageContext(cls, patches, index))
+    attention_map = attn.attention_map
+    tokens = torch.cat([cls[:, None], patches[index]], dim=1)
+    q, k, v = attn._heads(attn.query(hidden)), attn._heads(attn.key(tokens)), attn._heads(attn.value(tokens))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+    reference_map = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + mask).softmax(dim=-1)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention_map, reference_map, atol=1e-6, rtol=1e-5)
+    assert attention_map[..., 1:][(keep[:, None, None, 1:] == 0).expand_as(attention_map[..., 1:])].max() < 1e-6
+    upstream = torch.randn_like(out)
+    ours = torch.autograd.grad((out * upstream).sum(), [hidden, cls, patches])
+    theirs = torch.autograd.grad((reference * upstream).sum(), [hidden, cls, patches])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,6 @@ import torch
 
 from .box_ops import paired_iou
 from .grounder import Grounder
-from .models import box_patch_mask, concept_cls
 
 EVAL_SEED = 10_000_019   # training draws scenes from np.random.default_rng([seed, rank, step, i]) with small seeds
 
@@ -74,20 +73,16 @@ def retrieval_r1(g: Grounder, scenes, granularity: str) -> dict:
         return {"n": 0, "r@1": None, "note": "model has no ITC head"}
     texts, visual_feats = [], []
     for scene in scenes:
-        tokens = g.encode_image(scene.image, m).tokens
         if granularity == "image":
             texts.append(scene.caption)
-            visual_feats.append(m.image_features(tokens[0, 0]))
+            visual_feats.append(m.image_features(g.encode_image(scene.image, m).tokens[0, 0]))
             continue
         phrases = scene.regions if granularity == "region" else scene.objects_text
         if not phrases:
             continue
         p = phrases[0]
-        W, H = scene.image.size
-        box = torch.tensor([[p.box[0] / W, p.box[1] / H, p.box[2] / W, p.box[3] / H]])
-        concept = concept_cls(tokens, box_patch_mask(box, g.grid_size).to(tokens.device))
         texts.append(p.text)
-        visual_feats.append(m.image_features(concept[0]))
+        visual_feats.append(m.image_features(g.concepts(scene.image, [p.box])[0]))
     batch = g.tokenizer(texts)
     ids, mask = batch.input_ids.to(g.device), batch.attention_mask.to(g.device)
     text_feats = m.text_features(m.encode_text(ids, mask)).float()
@@ -125,17 +120,17 @@ def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
 
     A diagnostic for the bbox head: what the vision encoder's patch features make linearly available. Where w and h
     score low, a box head can find the object but not its extent."""
-    m = g.model
     feats, targets = [], []
     for scene in scenes:
-        tokens = g.encode_image(scene.image, m).tokens.float()
+        if not scene.objects_text:
+            continue
         W, H = scene.image.size
+        feats.append(g.concepts(scene.image, [p.box for p in scene.objects_text]).cpu())
         for p in scene.objects_text:
             x0, y0, x1, y1 = p.box[0] / W, p.box[1] / H, p.box[2] / W, p.box[3] / H
-            mask = box_patch_mask(torch.tensor([[x0, y0, x1, y1]]), g.grid_size).to(tokens.device)
-            feats.append(concept_cls(tokens, mask)[0].cpu())
             targets.append(torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]))
-    X = torch.cat([torch.stack(feats).double(), torch.ones(len(feats), 1, dtype=torch.float64)], dim=1)
+    X = torch.cat(feats).double()
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], dim=1)
     Y = torch.stack(targets).double()
     n_fit = int(len(X) * train_fraction)
     weights = torch.linalg.lstsq(X[:n_fit], Y[:n_fit]).solution

@@ -21,7 +21,7 @@ from PIL import Image
 from . import box_ops
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
-from .models import XVLM, ImageContext, box_patch_mask, concept_cls
+from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
 from .preprocess import InputError, Tokenizer, check_phrase, image_to_tensor, load_image
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
@@ -231,7 +231,7 @@ class Grounder:
             if cut:
                 r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
         with self._inference():
-            run = _Pass(self, px, text.input_ids.to(self.device), text.attention_mask.to(self.device))
+            run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
             boxes, fused = self._boxes(run, results)
             self._itm(run, fused, results)
             self._itc(run, boxes, results)
@@ -245,7 +245,7 @@ class Grounder:
                 r.notes["box"] = NO_BOX
             return None, None
         m = self.model
-        fused = m.fuse(run.text(m), run.mask, ImageContext.single(run.tokens(m), len(results)))
+        fused = run.fused_cls(m)
         coords = m.predict_bbox(fused).float()
         W, H = run.px.image.size
         scale = torch.tensor([W, H, W, H], dtype=torch.float64)
@@ -263,7 +263,7 @@ class Grounder:
         if box_fused is not None and m is self.model:
             fused = box_fused
         else:
-            fused = m.fuse(run.text(m), run.mask, ImageContext.single(run.tokens(m), len(results)))
+            fused = run.fused_cls(m)
         probs = m.itm_logits(fused).float().softmax(dim=-1)[:, 1].cpu()
         for r, p in zip(results, probs):
             r.itm = float(p)
@@ -275,7 +275,7 @@ class Grounder:
                 r.notes["itc"] = NO_ITC
             return
         tokens = run.tokens(m)
-        text_feat = m.text_features(run.text(m)).float()                    # [B, D]
+        text_feat = m.text_features(run.text.firsts(run.embeds(m))).float()   # [P, D]
         feats = m.image_features(tokens[0]).float()                         # [1+N, D]
         itc_image = text_feat @ feats[0]
         heat = (feats[1:] @ text_feat.T).T.reshape(len(results), self.grid_size, self.grid_size)
@@ -293,9 +293,34 @@ class Grounder:
             r.region_mask = masks[i, 1:].reshape(self.grid_size, self.grid_size).bool().cpu().numpy()
 
     def _concept_features(self, m: XVLM, tokens: torch.Tensor, boxes: torch.Tensor, fmt: str):
+        """ITC features of boxes (normalised) pooled the X-VLM way, and their patch masks."""
         masks = box_patch_mask(boxes, self.grid_size, fmt=fmt)
         cls = concept_cls(tokens, masks.to(tokens.dtype), torch.zeros(len(boxes), dtype=torch.long))
         return m.image_features(cls).float(), masks
+
+    def _normalised_boxes(self, px: "_Pixels", boxes) -> torch.Tensor:
+        """Pixel xyxy boxes -> [B, 4] in [0, 1], rejecting empty or inverted ones."""
+        W, H = px.image.size
+        b = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+        if len(b) == 0:
+            raise InputError("no boxes given")
+        norm = (b / torch.tensor([W, H, W, H], dtype=torch.float64)).clamp(0, 1)
+        if (norm[:, 2] <= norm[:, 0]).any() or (norm[:, 3] <= norm[:, 1]).any():
+            raise InputError("boxes must be x0 < x1, y0 < y1 inside the image")
+        return norm.float().to(self.device)
+
+    def concepts(self, image, boxes) -> torch.Tensor:
+        """Each box's visual concept [CLS] on the ITC model — the mean of the patch tokens the box covers, before
+        `vision_proj` — [boxes, width]. Boxes are xyxy in pixels of the original image."""
+        m = self._itc_model
+        if m is None:
+            raise RuntimeError(NO_ITC)
+        px = _Pixels.of(image)
+        norm = self._normalised_boxes(px, boxes)
+        tokens = self._encode(px, m).tokens
+        with self._inference():
+            masks = box_patch_mask(norm, self.grid_size).to(tokens.dtype)
+            return concept_cls(tokens, masks, torch.zeros(len(norm), dtype=torch.long)).float()
 
     def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
         """ITC similarity of each phrase with each box's visual concept (object granularity): [phrases, boxes].
@@ -304,21 +329,12 @@ class Grounder:
         if m is None:
             raise RuntimeError(NO_ITC)
         phrase_list = _check_phrases(phrases)
-        px = _Pixels.of(image)
-        W, H = px.image.size
-        b = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
-        if len(b) == 0:
-            raise InputError("no boxes given")
-        norm = (b / torch.tensor([W, H, W, H], dtype=torch.float64)).clamp(0, 1)
-        if (norm[:, 2] <= norm[:, 0]).any() or (norm[:, 3] <= norm[:, 1]).any():
-            raise InputError("boxes must be x0 < x1, y0 < y1 inside the image")
-        enc = self._encode(px, m)                  # only once the input is known to be valid
+        concepts = self.concepts(image, boxes)     # validates the boxes before anything is encoded
         text = self.tokenizer(phrase_list)
         with self._inference():
             ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
             text_feat = m.text_features(m.encode_text(ids, mask)).float()
-            concept_feats, _ = self._concept_features(m, enc.tokens, norm.float().to(self.device), fmt="xyxy")
-            return (text_feat @ concept_feats.T).cpu().numpy()
+            return (text_feat @ m.image_features(concepts.to(text_feat.dtype)).T).cpu().numpy()
 
     def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
         """The official weakly-supervised grounding map (Grounding.py): Grad-CAM of the ITM positive logit w.r.t. a
@@ -367,19 +383,29 @@ class _Pixels:
 
 
 class _Pass:
-    """One `ground` call's shared work: image tokens and text embeddings computed at most once per model."""
+    """One `ground` call's shared work: image tokens and text embeddings computed at most once per model. The
+    phrases travel packed (no padding) through the text and fusion layers, each phrase's [CLS] read out at the end."""
 
-    def __init__(self, grounder: Grounder, px: _Pixels, ids: torch.Tensor, mask: torch.Tensor):
-        self.grounder, self.px, self.ids, self.mask = grounder, px, ids, mask
-        self._text: dict[int, torch.Tensor] = {}
+    def __init__(self, grounder: Grounder, px: _Pixels, text: PackedText):
+        self.grounder, self.px, self.text = grounder, px, text
+        self._embeds: dict[int, torch.Tensor] = {}
 
     def tokens(self, model: XVLM) -> torch.Tensor:
         return self.grounder._encode(self.px, model).tokens
 
-    def text(self, model: XVLM) -> torch.Tensor:
-        if id(model) not in self._text:
-            self._text[id(model)] = model.encode_text(self.ids, self.mask)
-        return self._text[id(model)]
+    def embeds(self, model: XVLM) -> torch.Tensor:
+        """Text-layer output of the packed phrases, [1, n, H]."""
+        if id(model) not in self._embeds:
+            t = self.text
+            self._embeds[id(model)] = model.encode_text(t.input_ids, t.attention_mask, t.position_ids)
+        return self._embeds[id(model)]
+
+    def fused_cls(self, model: XVLM) -> torch.Tensor:
+        """Every phrase fused with the whole image, each phrase's fused [CLS] as [P, 1, H] (the last fusion layer
+        computes only those rows: the heads read nothing else)."""
+        image = ImageContext.single(self.tokens(model), 1)
+        t = self.text
+        return model.fuse(self.embeds(model), t.attention_mask, image, last_rows=t.starts).transpose(0, 1)
 
 
 def _check_phrases(phrases) -> list[str]:

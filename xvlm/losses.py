@@ -14,6 +14,9 @@ from . import box_ops
 from .models import XVLM, ImageContext, concept_cls
 
 
+CLS_ROW = torch.tensor([0])   # heads that read the fused [CLS] need only that row from the last fusion layer
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather across processes keeping gradients for the local shard (as the official AllGather)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -65,7 +68,7 @@ def matching_loss(model: XVLM, visual: ImageContext, visual_mask, text_embeds, t
     vis_mask = torch.cat([visual_mask, visual_mask[neg_image], visual_mask], dim=0)
     txt = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
     txt_mask = torch.cat([text_mask, text_mask, text_mask[neg_text]], dim=0)
-    logits = model.itm_logits(model.fuse(txt, txt_mask, vis, vis_mask))
+    logits = model.itm_logits(model.fuse(txt, txt_mask, vis, vis_mask, last_rows=CLS_ROW.to(txt.device)))
     n = len(visual)
     labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(logits.device)
     return F.cross_entropy(logits, labels)

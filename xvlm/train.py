@@ -67,21 +67,26 @@ ALL_KINDS = ("object", "region") + REFEXP_KINDS
 SHAPES_MODEL = XVLMConfig(
     vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3),
     text=TextConfig(vocab_size=0, hidden_size=192, num_hidden_layers=4, fusion_layer=2, num_attention_heads=3,
-                    intermediate_size=768, max_position_embeddings=64),
+                    intermediate_size=768, max_position_embeddings=64,
+                    # no dropout: every step sees fresh scenes, so the small model underfits rather than overfits
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
 
 RECIPES: dict[str, Recipe] = {
-    # The shipped default model: about an hour on a 2-core CPU (1700 steps at ~2 s).
+    # The shipped default model: about 80 minutes on a 2-core CPU (weights/README.md has the measured times).
     "shapes": Recipe(model=SHAPES_MODEL, batch_images=24, stages=[
-        Stage("pretrain", steps=1100, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
+        Stage("pretrain", steps=1000, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
               phrase_kinds=ALL_KINDS, phrases_per_image=4),
-        Stage("grounding", steps=600, lr=2e-4, loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1},
-              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=4, warmup=50, align_cross_attention=True),
-        # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): a step costs a vision forward and
-        # the small fusion, so twice the box queries per step at about two thirds of the cost (1.4 s vs 2.2 s on
-        # the 2-core CPU). ITM stays on because the fusion it reads moves.
-        Stage("grounding-fusion", steps=900, lr=5e-4, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
-              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=8, warmup=100, trainable="fusion"),
+        # Encoders trained with the box: the concept features must learn object extent, which a frozen encoder
+        # cannot (a frozen-encoder stage plateaued in our runs). The attention-guidance loss keeps one fusion head
+        # on the target's patches from the start.
+        Stage("grounding", steps=2200, lr=2e-4,
+              loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1, "attn": 1},
+              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True),
+        # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): fusion and heads settle on them,
+        # with twice the box queries per step at about two thirds of the cost.
+        Stage("grounding-fusion", steps=500, lr=3e-4, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
+              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=8, warmup=50, trainable="fusion"),
     ]),
     # A few steps of a tiny model: tests and smoke runs.
     "shapes-tiny": Recipe(
@@ -233,7 +238,8 @@ class Pretrainer(nn.Module):
             last_cross = m.text_encoder.fusion_layers[-1].crossattention.self
             last_cross.keep_attention = bool(w.get("attn"))
             try:
-                fused = m.fuse(text_embeds[phrases], tmask[phrases], whole_image)
+                fused = m.fuse(text_embeds[phrases], tmask[phrases], whole_image,
+                               last_rows=losses.CLS_ROW.to(tmask.device))
             finally:
                 last_cross.keep_attention = False
             out["l1"], out["giou"] = losses.bbox_loss(m.predict_bbox(fused), batch["boxes"][phrases])
@@ -317,8 +323,8 @@ def make_tokenizer(out: Path, cfg: XVLMConfig, vocab: str | None) -> Tokenizer:
     return Tokenizer(vocab_path, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
 
 
-def make_optimizer(model: XVLM, stage: Stage, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the stage's trainable parameters (no decay on biases, LayerNorms and embeddings); freezes the rest.
+def set_trainable(model: XVLM, stage: Stage) -> None:
+    """Which parameters the stage trains, and train/eval mode to match.
 
     "fusion" trains the fusion layers and the ITM/bbox heads; the vision encoder, the text layers and the ITC
     projections keep their weights (and run in eval mode), so ITC scores and heatmaps do not move.
@@ -328,19 +334,23 @@ def make_optimizer(model: XVLM, stage: Stage, weight_decay: float) -> torch.opti
     model.train()
     if stage.trainable == "all":
         model.requires_grad_(True)
-    else:
-        fusion = {id(p) for layer in model.text_encoder.fusion_layers for p in layer.parameters()}
-        for name, p in model.named_parameters():
-            p.requires_grad_(id(p) in fusion or name.startswith(("bbox_head.", "itm_head.")))
-        model.vision_encoder.eval()
-        model.text_encoder.embeddings.eval()
-        for layer in model.text_encoder.encoder.layer[: model.cfg.text.fusion_layer]:
-            layer.eval()
+        return
+    fusion = {id(p) for layer in model.text_encoder.fusion_layers for p in layer.parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in fusion or name.startswith(("bbox_head.", "itm_head.")))
+    model.vision_encoder.eval()
+    model.text_encoder.embeddings.eval()
+    for layer in model.text_encoder.encoder.layer[: model.cfg.text.fusion_layer]:
+        layer.eval()
+
+
+def make_optimizer(model: XVLM, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require grad; no decay on biases, LayerNorms and embeddings."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim > 1 and "embeddings" not in n]
     no_decay = [p for n, p in params if not (p.ndim > 1 and "embeddings" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
 def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None, resume: bool = True,
@@ -398,7 +408,8 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
             continue
         objective.weights = {k: v for k, v in stage.loss_weights.items() if v}
         objective.frozen_vision = stage.trainable != "all"
-        optimizer = make_optimizer(model, stage, recipe.weight_decay)   # fresh per stage, as a fine-tuning run
+        set_trainable(model, stage)
+        optimizer = make_optimizer(model, stage.lr, recipe.weight_decay)   # fresh per stage, as a fine-tuning run
         if state is not None and first < int(state["step"]) < first + stage.steps:
             optimizer.load_state_dict(state["optimizer"])                 # resuming inside this stage
         wrapped = (nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)

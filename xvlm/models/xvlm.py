@@ -69,11 +69,12 @@ class XVLM(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.vision_encoder(images)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder.encode_text(input_ids, attention_mask)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_encoder.encode_text(input_ids, attention_mask, position_ids)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None) -> torch.Tensor:
-        return self.text_encoder.fuse(text_embeds, attention_mask, image_embeds, image_mask)
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, last_rows=None) -> torch.Tensor:
+        return self.text_encoder.fuse(text_embeds, attention_mask, image_embeds, image_mask, last_rows)
 
     # --- heads --------------------------------------------------------------------------------------------------
     def image_features(self, image_tokens: torch.Tensor) -> torch.Tensor:
