@@ -73,7 +73,7 @@ SHAPES_MODEL = XVLMConfig(
     embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
 
 RECIPES: dict[str, Recipe] = {
-    # The shipped default model: about 80 minutes on a 2-core CPU (weights/README.md has the measured times).
+    # The shipped default model: about an hour on a 2-core CPU (weights/README.md has the measured times).
     "shapes": Recipe(model=SHAPES_MODEL, batch_images=24, stages=[
         Stage("pretrain", steps=1000, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
               phrase_kinds=ALL_KINDS, phrases_per_image=4),
@@ -84,7 +84,7 @@ RECIPES: dict[str, Recipe] = {
               loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1, "attn": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True),
         # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): fusion and heads settle on them,
-        # with twice the box queries per step at about two thirds of the cost.
+        # with 8 box queries per image at about 60% of the cost of a stage-2 step.
         Stage("grounding-fusion", steps=500, lr=3e-4, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=8, warmup=50, trainable="fusion"),
     ]),
