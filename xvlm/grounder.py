@@ -285,18 +285,17 @@ class Grounder:
             for r in results:
                 r.notes["itc_region"] = NO_BOX
             return
-        concept_feats, masks = self._concept_features(m, tokens, boxes, fmt="cxcywh")   # one concept per phrase box
-        sims = (text_feat @ concept_feats.T).cpu()                                     # [phrase, box]
+        concepts, masks = self._pool_concepts(tokens, boxes, fmt="cxcywh")   # one concept per phrase box
+        sims = (text_feat @ m.image_features(concepts).float().T).cpu()    # [phrase, box]
         for i, r in enumerate(results):
             r.itc_region = float(sims[i, i])
             r.itc_objects = [float(v) for v in sims[i]]
             r.region_mask = masks[i, 1:].reshape(self.grid_size, self.grid_size).bool().cpu().numpy()
 
-    def _concept_features(self, m: XVLM, tokens: torch.Tensor, boxes: torch.Tensor, fmt: str):
-        """ITC features of boxes (normalised) pooled the X-VLM way, and their patch masks."""
+    def _pool_concepts(self, tokens: torch.Tensor, boxes: torch.Tensor, fmt: str):
+        """Concept [CLS] of normalised boxes on one image's tokens, pooled the X-VLM way, and their patch masks."""
         masks = box_patch_mask(boxes, self.grid_size, fmt=fmt)
-        cls = concept_cls(tokens, masks.to(tokens.dtype), torch.zeros(len(boxes), dtype=torch.long))
-        return m.image_features(cls).float(), masks
+        return concept_cls(tokens, masks.to(tokens.dtype)), masks
 
     def _normalised_boxes(self, px: "_Pixels", boxes) -> torch.Tensor:
         """Pixel xyxy boxes -> [B, 4] in [0, 1], rejecting empty or inverted ones."""
@@ -319,8 +318,7 @@ class Grounder:
         norm = self._normalised_boxes(px, boxes)
         tokens = self._encode(px, m).tokens
         with self._inference():
-            masks = box_patch_mask(norm, self.grid_size).to(tokens.dtype)
-            return concept_cls(tokens, masks, torch.zeros(len(norm), dtype=torch.long)).float()
+            return self._pool_concepts(tokens, norm, fmt="xyxy")[0].float()
 
     def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
         """ITC similarity of each phrase with each box's visual concept (object granularity): [phrases, boxes].
