@@ -19,9 +19,9 @@ def test_pointing_is_true_only_when_the_hottest_cell_is_in_the_box():
 class _Oracle:
     """Answers each phrase with its target box (or a shifted one) and a heatmap hot at the box centre."""
 
-    def __init__(self, scenes, shift: float):
+    def __init__(self, scenes, shift: float, scale: float = 1.0):
         self.targets = {id(s.image): {p.text: p.box for p in s.refexps} for s in scenes}
-        self.shift = shift
+        self.shift, self.scale = shift, scale
 
     def ground(self, image, phrases):
         W, H = image.size
@@ -30,8 +30,9 @@ class _Oracle:
             x0, y0, x1, y1 = self.targets[id(image)][text]
             heat = np.zeros((12, 12))
             heat[min(int((y0 + y1) / 2 / H * 12), 11), min(int((x0 + x1) / 2 / W * 12), 11)] = 1
-            dx = self.shift * W
-            out.append(SimpleNamespace(box_xyxy=[x0 + dx, y0, x1 + dx, y1], patch_heatmap=heat))
+            cx, cy = (x0 + x1) / 2 + self.shift * W, (y0 + y1) / 2
+            hw, hh = (x1 - x0) / 2 * self.scale, (y1 - y0) / 2 * self.scale
+            out.append(SimpleNamespace(box_xyxy=[cx - hw, cy - hh, cx + hw, cy + hh], patch_heatmap=heat))
         return out
 
 
@@ -41,9 +42,11 @@ def test_metrics_are_one_for_exact_boxes_and_zero_for_far_ones():
     n = sum(len(s.refexps) for s in scenes)
     assert exact["all"]["n"] == n > 0
     assert exact["all"]["acc@0.5"] == 1.0 and exact["all"]["mean_iou"] == pytest.approx(1.0)
-    assert exact["all"]["pointing"] == 1.0
+    assert exact["all"]["pointing"] == 1.0 and exact["all"]["centre_in"] == 1.0
     far = grounding_accuracy(_Oracle(scenes, 2.0), scenes)           # every box moved off the image
-    assert far["all"]["acc@0.5"] == 0.0 and far["all"]["mean_iou"] == 0.0
+    assert far["all"]["acc@0.5"] == 0.0 and far["all"]["mean_iou"] == 0.0 and far["all"]["centre_in"] == 0.0
+    too_big = grounding_accuracy(_Oracle(scenes, 0.0, scale=1.6), scenes)   # right object, IoU 1 / 1.6^2 < 0.5
+    assert too_big["all"]["acc@0.5"] == 0.0 and too_big["all"]["centre_in"] == 1.0
 
 
 def test_eval_report_on_a_tiny_model(tmp_path):
@@ -56,7 +59,7 @@ def test_eval_report_on_a_tiny_model(tmp_path):
     for gran in ("image", "region", "object"):
         assert 0 <= report["retrieval"][gran]["r@1"] <= 1
     text = format_report(report)
-    assert "Acc@0.5" in text and "pointing" in text and "R@1" in text
+    assert "Acc@0.5" in text and "centre in" in text and "pointing" in text and "R@1" in text
 
 
 def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):

@@ -41,9 +41,17 @@ def heatmap_points_into_box(heatmap: np.ndarray, box_xyxy, image_size) -> bool:
     return x0 - W / grid_w / 2 <= cx <= x1 + W / grid_w / 2 and y0 - H / grid_h / 2 <= cy <= y1 + H / grid_h / 2
 
 
+def box_centre_in(box_xyxy, target_xyxy) -> bool:
+    """Whether the predicted box's centre lies in the target: the head picked the right object, whatever the extent.
+    Next to Acc@0.5 it separates 'wrong object' from 'right object, wrong size'."""
+    cx, cy = (box_xyxy[0] + box_xyxy[2]) / 2, (box_xyxy[1] + box_xyxy[3]) / 2
+    return target_xyxy[0] <= cx <= target_xyxy[2] and target_xyxy[1] <= cy <= target_xyxy[3]
+
+
 def grounding_accuracy(g: Grounder, scenes) -> dict:
     ious: dict[str, list[float]] = defaultdict(list)
     points: dict[str, list[bool]] = defaultdict(list)
+    centred: dict[str, list[bool]] = defaultdict(list)
     for scene in scenes:
         if not scene.refexps:
             continue
@@ -52,16 +60,18 @@ def grounding_accuracy(g: Grounder, scenes) -> dict:
         target = torch.tensor([p.box for p in scene.refexps], dtype=torch.float64)
         for p, r, iou in zip(scene.refexps, results, paired_iou(pred, target)[0].tolist()):
             ious[p.kind].append(iou)
+            centred[p.kind].append(box_centre_in(r.box_xyxy, p.box))
             if r.patch_heatmap is not None:
                 points[p.kind].append(heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size))
 
-    def row(iou_list, point_list):
+    def row(iou_list, centre_list, point_list):
         return {"n": len(iou_list), "acc@0.5": float(np.mean(np.array(iou_list) >= 0.5)),
-                "mean_iou": float(np.mean(iou_list)),
+                "mean_iou": float(np.mean(iou_list)), "centre_in": float(np.mean(centre_list)),
                 "pointing": float(np.mean(point_list)) if point_list else None}
 
-    table = {kind: row(v, points[kind]) for kind, v in sorted(ious.items())}
-    table["all"] = row([x for v in ious.values() for x in v], [x for v in points.values() for x in v])
+    table = {kind: row(v, centred[kind], points[kind]) for kind, v in sorted(ious.items())}
+    flat = lambda d: [x for v in d.values() for x in v]
+    table["all"] = row(flat(ious), flat(centred), flat(points))
     return table
 
 
@@ -155,12 +165,14 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
 
 def format_report(report: dict) -> str:
     lines = [f"model: {report['model']}   held-out scenes: {report['scenes']} (seed {report['seed']})", "",
-             f"{'expression kind':<16}{'n':>6}{'Acc@0.5':>10}{'mean IoU':>10}{'pointing':>10}"]
+             f"{'expression kind':<16}{'n':>6}{'Acc@0.5':>10}{'mean IoU':>10}{'centre in':>11}{'pointing':>10}"]
     for kind, row in report["grounding"].items():
         pointing = "-" if row.get("pointing") is None else f"{row['pointing']:.3f}"
-        lines.append(f"{kind:<16}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['mean_iou']:>10.3f}{pointing:>10}")
-    lines += ["", "Acc@0.5: the bbox head's box has IoU >= 0.5 with the target. pointing: the patch-ITC heatmap's "
-              "hottest cell lies in the target box (what the heatmap alone localises)."]
+        lines.append(f"{kind:<16}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['mean_iou']:>10.3f}"
+                     f"{row['centre_in']:>11.3f}{pointing:>10}")
+    lines += ["", "Acc@0.5: the bbox head's box has IoU >= 0.5 with the target. centre in: the box's centre lies in the "
+              "target (the right object, whatever the size). pointing: the patch-ITC heatmap's hottest cell lies in "
+              "the target box (what the heatmap alone localises)."]
     lines += ["", f"{'ITC retrieval':<16}{'n':>6}{'R@1':>10}"]
     for gran, row in report["retrieval"].items():
         r1 = "-" if row["r@1"] is None else f"{row['r@1']:.3f}"
