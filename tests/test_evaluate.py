@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from xvlm import bench
-from xvlm.evaluate import eval_scenes, evaluate, format_report, grounding_accuracy, heatmap_points_into_box
+from xvlm.evaluate import (box_size_by_target_size, eval_scenes, evaluate, format_report, ground_expressions,
+                           grounding_accuracy, heatmap_points_into_box)
 
 
 def test_pointing_is_true_only_when_the_hottest_cell_is_in_the_box():
@@ -38,15 +39,25 @@ class _Oracle:
 
 def test_metrics_are_one_for_exact_boxes_and_zero_for_far_ones():
     scenes = eval_scenes(6)
-    exact = grounding_accuracy(_Oracle(scenes, 0.0), scenes)
+    exact = grounding_accuracy(ground_expressions(_Oracle(scenes, 0.0), scenes))
     n = sum(len(s.refexps) for s in scenes)
     assert exact["all"]["n"] == n > 0
     assert exact["all"]["acc@0.5"] == 1.0 and exact["all"]["mean_iou"] == pytest.approx(1.0)
     assert exact["all"]["pointing"] == 1.0 and exact["all"]["centre_in"] == 1.0
-    far = grounding_accuracy(_Oracle(scenes, 2.0), scenes)           # every box moved off the image
+    far = grounding_accuracy(ground_expressions(_Oracle(scenes, 2.0), scenes))           # every box moved off the image
     assert far["all"]["acc@0.5"] == 0.0 and far["all"]["mean_iou"] == 0.0 and far["all"]["centre_in"] == 0.0
-    too_big = grounding_accuracy(_Oracle(scenes, 0.0, scale=1.6), scenes)   # right object, IoU 1 / 1.6^2 < 0.5
-    assert too_big["all"]["acc@0.5"] == 0.0 and too_big["all"]["centre_in"] == 1.0
+    too_big = ground_expressions(_Oracle(scenes, 0.0, scale=1.6), scenes)   # right object, IoU 1 / 1.6^2 < 0.5
+    assert grounding_accuracy(too_big)["all"]["acc@0.5"] == 0.0 and grounding_accuracy(too_big)["all"]["centre_in"] == 1.0
+
+
+def test_box_size_rows_read_the_width_ratio_of_boxes_on_the_right_object():
+    scenes = eval_scenes(20)
+    rows = box_size_by_target_size(ground_expressions(_Oracle(scenes, 0.0, scale=1.6), scenes))
+    assert sum(r["n"] for r in rows) == sum(len(s.refexps) for s in scenes)
+    filled = [r for r in rows if r["n"]]
+    assert len(filled) >= 2 and all(r["median_width_ratio"] == pytest.approx(1.6) for r in filled)
+    off = box_size_by_target_size(ground_expressions(_Oracle(scenes, 2.0), scenes))   # no box on its object
+    assert all(r["median_width_ratio"] is None for r in off)
 
 
 def test_eval_report_on_a_tiny_model(tmp_path):
@@ -59,7 +70,7 @@ def test_eval_report_on_a_tiny_model(tmp_path):
     for gran in ("image", "region", "object"):
         assert 0 <= report["retrieval"][gran]["r@1"] <= 1
     text = format_report(report)
-    assert "Acc@0.5" in text and "centre in" in text and "pointing" in text and "R@1" in text
+    assert "Acc@0.5" in text and "centre in" in text and "pointing" in text and "box/target width" in text and "R@1" in text
 
 
 def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):

@@ -73,6 +73,12 @@ def test_starting_at_a_stage_from_exported_weights_equals_the_full_run(tmp_path)
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(tmp_path / "three" / "final" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # every stage's end is kept as a model folder: the full run's stage-2 end is what the two-stage run exported
+    mid = load_file(full / "stages" / recipe.stages[1].name / "model.safetensors")
+    two_final = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert max((mid[k] - two_final[k]).abs().max().item() for k in mid) < 1e-6
+    assert (full / "stages" / recipe.stages[1].name / "vocab.txt").is_file()
+    assert sorted(p.name for p in (full / "stages").iterdir()) == sorted(s.name for s in recipe.stages)
     # the frozen scope left the encoders and ITC projections exactly as stage 2 exported them
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for k in two:

@@ -48,10 +48,9 @@ def box_centre_in(box_xyxy, target_xyxy) -> bool:
     return target_xyxy[0] <= cx <= target_xyxy[2] and target_xyxy[1] <= cy <= target_xyxy[3]
 
 
-def grounding_accuracy(g: Grounder, scenes) -> dict:
-    ious: dict[str, list[float]] = defaultdict(list)
-    points: dict[str, list[bool]] = defaultdict(list)
-    centred: dict[str, list[bool]] = defaultdict(list)
+def ground_expressions(g: Grounder, scenes) -> list[dict]:
+    """One record per held-out referring expression: what the bbox head and the heatmap did with it."""
+    records = []
     for scene in scenes:
         if not scene.refexps:
             continue
@@ -59,20 +58,44 @@ def grounding_accuracy(g: Grounder, scenes) -> dict:
         pred = torch.tensor([r.box_xyxy for r in results], dtype=torch.float64)
         target = torch.tensor([p.box for p in scene.refexps], dtype=torch.float64)
         for p, r, iou in zip(scene.refexps, results, paired_iou(pred, target)[0].tolist()):
-            ious[p.kind].append(iou)
-            centred[p.kind].append(box_centre_in(r.box_xyxy, p.box))
-            if r.patch_heatmap is not None:
-                points[p.kind].append(heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size))
+            target_w = p.box[2] - p.box[0]
+            records.append({
+                "kind": p.kind, "iou": iou, "centre_in": box_centre_in(r.box_xyxy, p.box),
+                "pointing": (None if r.patch_heatmap is None
+                             else heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size)),
+                "target_size": target_w / min(scene.image.size),
+                "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})
+    return records
 
-    def row(iou_list, centre_list, point_list):
-        return {"n": len(iou_list), "acc@0.5": float(np.mean(np.array(iou_list) >= 0.5)),
-                "mean_iou": float(np.mean(iou_list)), "centre_in": float(np.mean(centre_list)),
-                "pointing": float(np.mean(point_list)) if point_list else None}
 
-    table = {kind: row(v, centred[kind], points[kind]) for kind, v in sorted(ious.items())}
-    flat = lambda d: [x for v in d.values() for x in v]
-    table["all"] = row(flat(ious), flat(centred), flat(points))
+def grounding_accuracy(records: list[dict]) -> dict:
+    """Acc@0.5, mean IoU, centre-in and pointing per expression kind and over all."""
+    def row(rs):
+        points = [r["pointing"] for r in rs if r["pointing"] is not None]
+        return {"n": len(rs), "acc@0.5": float(np.mean([r["iou"] >= 0.5 for r in rs])),
+                "mean_iou": float(np.mean([r["iou"] for r in rs])),
+                "centre_in": float(np.mean([r["centre_in"] for r in rs])),
+                "pointing": float(np.mean(points)) if points else None}
+
+    table = {kind: row([r for r in records if r["kind"] == kind]) for kind in sorted({r["kind"] for r in records})}
+    table["all"] = row(records)
     return table
+
+
+SIZE_BINS = (0.0, 0.10, 0.17, 0.25, 1.01)   # target width / image short side; the corpus draws 5% to 30%
+
+
+def box_size_by_target_size(records) -> list[dict]:
+    """How the head sizes boxes it put on the right object: the median predicted/target width per target-size bin.
+    A head that regresses to the mean size reads > 1 for small targets and < 1 for large ones."""
+    rows = []
+    for lo, hi in zip(SIZE_BINS, SIZE_BINS[1:]):
+        in_bin = [r for r in records if lo <= r["target_size"] < hi]
+        on_object = [r["width_ratio"] for r in in_bin if r["centre_in"]]
+        rows.append({"target_size": [lo, min(hi, 1.0)], "n": len(in_bin),
+                     "acc@0.5": float(np.mean([r["iou"] >= 0.5 for r in in_bin])) if in_bin else None,
+                     "median_width_ratio": float(np.median(on_object)) if on_object else None})
+    return rows
 
 
 @torch.inference_mode()
@@ -153,7 +176,9 @@ def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
 def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int = EVAL_SEED,
              probe: bool = False) -> dict:
     scenes = eval_scenes(n_scenes, seed)
-    report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(g, scenes)}
+    records = ground_expressions(g, scenes)
+    report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(records),
+              "box_size": box_size_by_target_size(records)}
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
     report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
@@ -173,6 +198,14 @@ def format_report(report: dict) -> str:
     lines += ["", "Acc@0.5: the bbox head's box has IoU >= 0.5 with the target. centre in: the box's centre lies in the "
               "target (the right object, whatever the size). pointing: the patch-ITC heatmap's hottest cell lies in "
               "the target box (what the heatmap alone localises)."]
+    if report.get("box_size"):
+        lines += ["", f"{'target width':<16}{'n':>6}{'Acc@0.5':>10}{'box/target width':>18}   "
+                      "(bins of target width / image short side; width ratio: median over boxes on the right object)"]
+        for row in report["box_size"]:
+            lo, hi = row["target_size"]
+            acc = "-" if row["acc@0.5"] is None else f"{row['acc@0.5']:.3f}"
+            ratio = "-" if row["median_width_ratio"] is None else f"{row['median_width_ratio']:.2f}"
+            lines.append(f"{f'{lo:.0%}-{hi:.0%}':<16}{row['n']:>6}{acc:>10}{ratio:>18}")
     lines += ["", f"{'ITC retrieval':<16}{'n':>6}{'R@1':>10}"]
     for gran, row in report["retrieval"].items():
         r1 = "-" if row["r@1"] is None else f"{row['r@1']:.3f}"
