@@ -29,6 +29,8 @@ def test_tiny_recipe_trains_all_objectives_and_exports_a_loadable_model(tmp_path
     assert {"itc", "itm", "mlm", "l1", "giou"} <= set(pretrain[0])
     grounding = [row for row in log if row["stage"] == "grounding"]
     assert grounding and "mlm" not in grounding[0]           # weight 0 in the grounding stage = not computed
+    fusion_only = [row for row in log if row["stage"] == "grounding-fusion"]
+    assert fusion_only and {"itm_image", "l1", "attn"} <= set(fusion_only[0])
     assert all(torch.isfinite(torch.tensor(v)) for row in log for k, v in row.items() if k in ("itc", "l1", "mlm"))
     g = Grounder.from_pretrained(tmp_path / "run" / "final", device="cpu")
     r = g.ground(torch.zeros(50, 80, 3, dtype=torch.uint8).numpy(), "the red circle")
@@ -200,6 +202,33 @@ def test_collate_marks_texts_that_describe_another_images_object(tmp_path):
     assert d[red_a, red_a] and d[blue, blue]
     assert not d[red_a, blue] and not d[blue, red_b]     # a different object
     assert not d[:, region].any() and not d[region].any()   # regions are left to the text ids
+    di = batch["describes_image"]                          # [pairs, images]: never an image-level ITM negative
+    assert di[red_a].tolist() == [True, True]              # its own image; b holds a red circle too
+    assert di[blue].tolist() == [False, True]              # a holds no blue square
+    assert di[region].tolist() == [True, True]             # unknown meaning: never a negative
+
+
+def test_image_matching_negatives_are_images_holding_nothing_the_phrase_describes():
+    from types import SimpleNamespace
+
+    from xvlm.losses import image_matching_loss
+    drawn = []
+
+    def fuse(text, mask, visual, last_rows=None):
+        drawn.append(visual.index.tolist())
+        return torch.zeros(len(text), 1, 4)
+
+    model = SimpleNamespace(fuse=fuse, itm_logits=lambda fused: fused[:, 0, :2] + torch.tensor([0.0, 1.0]))
+    tokens = torch.randn(3, 5, 4)
+    describes_image = torch.tensor([[True, False, True],      # phrase 0: only image 1 is a negative
+                                    [True, True, True],       # phrase 1: no negative anywhere
+                                    [False, True, False]])    # phrase 2: images 0 or 2
+    feats = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    for _ in range(20):
+        loss = image_matching_loss(model, torch.zeros(3, 1, 4), tokens, torch.zeros(3, 2, 4), torch.ones(3, 2),
+                                   feats, feats, 0.1, describes_image)
+        assert torch.isfinite(loss)
+    assert all(len(groups) == 2 and groups[0] == 1 and groups[1] in (0, 2) for groups in drawn)
 
 
 def test_per_image_cross_attention_equals_attention_over_each_texts_own_tokens():

@@ -74,6 +74,29 @@ def matching_loss(model: XVLM, visual: ImageContext, visual_mask, text_embeds, t
     return F.cross_entropy(logits, labels)
 
 
+def image_matching_loss(model: XVLM, fused_own, image_tokens, text_embeds, text_mask, text_feat, image_feat, temp,
+                        describes_image) -> torch.Tensor:
+    """ITM of phrases against whole images: does the image hold what the phrase describes? The question the demo's
+    ITM score answers for a typed phrase (the official ITM pairs a region's text with the region only, so a phrase
+    against its whole image is a pair it never saw). Positives: each phrase fused with its own image (`fused_own`,
+    the [CLS] rows the bbox head reads); negatives: the phrase with another image of the batch that holds nothing it
+    describes, drawn in proportion to ITC similarity. Phrases with no such image are left out of the negatives.
+
+    fused_own [T, 1, C]; image_tokens [B, 1+N, C]; text_* [T, ...]; image_feat [B, D]; describes_image [T, B]."""
+    with torch.no_grad():
+        weights = (F.softmax(text_feat @ image_feat.T / temp, dim=1) + 1e-5).masked_fill(describes_image, 0)
+        has_negative = ~describes_image.all(dim=1)
+        weights[~has_negative] = 1.0
+        neg_image = torch.multinomial(weights, 1).squeeze(1)[has_negative]
+    logits = [model.itm_logits(fused_own)]
+    if len(neg_image):
+        others = ImageContext(image_tokens[neg_image, 0], image_tokens[:, 1:], neg_image)
+        logits.append(model.itm_logits(model.fuse(text_embeds[has_negative], text_mask[has_negative], others,
+                                                  last_rows=CLS_ROW.to(text_mask.device))))
+    labels = torch.cat([torch.ones(len(fused_own)), torch.zeros(len(neg_image))]).long().to(fused_own.device)
+    return F.cross_entropy(torch.cat(logits), labels)
+
+
 def mask_tokens(input_ids, attention_mask, mask_id: int, vocab_size: int, prob: float, special_ids, generator=None):
     """BERT masking (80% [MASK], 10% random, 10% kept) of `prob` of the words; at least one per text."""
     maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))

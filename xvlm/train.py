@@ -43,7 +43,7 @@ class Stage:
     name: str
     steps: int
     lr: float
-    loss_weights: dict[str, float]            # among itc, itm, mlm, bbox (L1 + GIoU), attn (guidance); 0 = off
+    loss_weights: dict[str, float]            # among itc, itm, itm_image, mlm, bbox (L1 + GIoU), attn; 0 = off
     phrase_kinds: tuple[str, ...]             # which phrases become concepts: object, region, attribute, ...
     phrases_per_image: int = 4
     warmup: int = 100
@@ -86,7 +86,9 @@ RECIPES: dict[str, Recipe] = {
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True),
         # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): fusion and heads settle on them,
         # with 8 box queries per image at about 60% of the cost of a stage-2 step.
-        Stage("grounding-fusion", steps=500, lr=3e-4, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
+        # Also ITM of each phrase against whole images (`itm_image`): the pair the demo's ITM score is read from.
+        Stage("grounding-fusion", steps=500, lr=3e-4,
+              loss_weights={"itm": 0.5, "itm_image": 0.5, "bbox": 1, "attn": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=8, warmup=50, trainable="fusion"),
     ]),
     # A few steps of a tiny model: tests and smoke runs.
@@ -101,7 +103,8 @@ RECIPES: dict[str, Recipe] = {
             Stage("grounding", steps=2, lr=1e-3, loss_weights={"itc": 0.5, "itm": 0.5, "mlm": 0, "bbox": 1},
                   phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=2, warmup=1,
                   align_cross_attention=True),
-            Stage("grounding-fusion", steps=2, lr=1e-3, loss_weights={"itm": 0.5, "bbox": 1, "attn": 1},
+            Stage("grounding-fusion", steps=2, lr=1e-3,
+                  loss_weights={"itm": 0.5, "itm_image": 0.5, "bbox": 1, "attn": 1},
                   phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=2, warmup=1, trainable="fusion")]),
 }
 
@@ -191,6 +194,10 @@ def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: r
             wants.append(want), holds.append(held)
     describes = torch.tensor([[w is not None and o is not None and w.matches(o) for o in holds] for w in wants],
                              dtype=torch.bool).reshape(len(texts), len(texts))
+    # text j could be about something in image i (own image; unknown meaning: any image): never an image negative
+    describes_image = torch.tensor(
+        [[g == i or w is None or not samples[i].objects or any(w.matches(o) for o in samples[i].objects)
+          for i in range(len(samples))] for w, g in zip(wants, group)], dtype=torch.bool).reshape(len(texts), -1)
     tok = tokenizer(texts)
     xyxy = torch.tensor(boxes, dtype=torch.float32)
     patch_mask = box_patch_mask(xyxy, grid)
@@ -198,7 +205,7 @@ def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: r
     return {"images": torch.stack(images), "group": torch.tensor(group), "patch_mask": patch_mask,
             "input_ids": tok.input_ids, "attention_mask": tok.attention_mask,
             "idx": torch.tensor([text_id(c) for c in tok.captions]), "is_image": torch.tensor(is_image),
-            "boxes": xyxy_to_cxcywh(xyxy), "describes": describes}
+            "boxes": xyxy_to_cxcywh(xyxy), "describes": describes, "describes_image": describes_image}
 
 
 # --- the objective ------------------------------------------------------------------------------------------------
@@ -233,20 +240,25 @@ class Pretrainer(nn.Module):
             masked, labels = losses.mask_tokens(ids, tmask, t.mask_id, t.vocab_size, self.mask_prob,
                                                 (t.pad_id, t.cls_id))
             out["mlm"] = losses.mlm_loss(m, masked, tmask, labels, visual, batch["patch_mask"])
-        if w.get("bbox"):
+        if w.get("bbox") or w.get("itm_image"):     # phrases fused with their whole image: the Grounder's query
             phrases = ~batch["is_image"]
             whole_image = ImageContext(tokens[batch["group"], 0], tokens[:, 1:], batch["group"]).select(phrases)
             last_cross = m.text_encoder.fusion_layers[-1].crossattention.self
-            last_cross.keep_attention = bool(w.get("attn"))
+            last_cross.keep_attention = bool(w.get("attn") and w.get("bbox"))
             try:
                 fused = m.fuse(text_embeds[phrases], tmask[phrases], whole_image,
                                last_rows=losses.CLS_ROW.to(tmask.device))
             finally:
                 last_cross.keep_attention = False
+        if w.get("bbox"):
             out["l1"], out["giou"] = losses.bbox_loss(m.predict_bbox(fused), batch["boxes"][phrases])
             if w.get("attn"):
                 out["attn"] = losses.attention_guidance_loss(last_cross.attention_map, batch["patch_mask"][phrases])
                 last_cross.attention_map = None
+        if w.get("itm_image"):
+            out["itm_image"] = losses.image_matching_loss(
+                m, fused, tokens, text_embeds[phrases], tmask[phrases], text_feat[phrases],
+                m.image_features(tokens[:, 0]), m.temp, batch["describes_image"][phrases])
         return out
 
     def total(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
