@@ -137,7 +137,9 @@ DDP_SCRIPT = textwrap.dedent("""
     loss.backward()
     assert torch.allclose(loss, full, atol=1e-6), (loss, full)
     assert mine.grad.abs().sum() > 0
-    print("rank", rank, "gathered loss", float(loss), "single-process loss", float(full))
+    print("rank", rank, "gathered loss", loss.item(), "single-process loss", full.item())
+    dist.barrier()
+    dist.destroy_process_group()   # without it gloo's threads can abort the process at exit ("terminate called ...")
 """)
 
 
