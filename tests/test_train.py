@@ -49,6 +49,27 @@ def test_training_is_reproducible_and_resumes(tmp_path):
     assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == steps_before
 
 
+def test_align_probe_batch_is_the_same_in_every_process():
+    """The batch that calibrates the cross-attention alignment is drawn alike under any PYTHONHASHSEED (it once came
+    from `hash()` of a str, which made fresh runs differ from each other)."""
+    script = textwrap.dedent("""
+        import hashlib
+        from xvlm.train import RECIPES, SyntheticSource, align_probe_batch, make_tokenizer
+        from xvlm.preprocess import Tokenizer
+        recipe = RECIPES["shapes-tiny"]
+        tok = Tokenizer("weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
+        batch = align_probe_batch(SyntheticSource(recipe.seed), recipe, 1, 0, tok, recipe.model)
+        print(hashlib.sha1(batch["input_ids"].numpy().tobytes() + batch["images"].numpy().tobytes()).hexdigest())
+    """)
+    digests = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests.append(proc.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 40
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     full = tmp_path / "full"
     _run_tiny(full)

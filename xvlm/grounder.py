@@ -60,7 +60,14 @@ class GroundingResult:
 class ImageEncoding:
     tokens: torch.Tensor                 # [1, 1+N, C] vision encoder output (token 0 = mean of patches)
     size: tuple[int, int]                # (W, H) of the original image
-    nbytes: int
+    # each fusion layer's cross-attention keys/values of these tokens, filled by the first query (ImageContext)
+    fusion_keys_values: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        kvs = tuple(self.fusion_keys_values.values())   # one C call: safe beside a query that adds an entry
+        tensors = [self.tokens] + [t for kv in kvs for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class EncodingCache:
@@ -86,6 +93,10 @@ class EncodingCache:
     def put(self, key: str, item: ImageEncoding) -> None:
         self._items[key] = item
         self._items.move_to_end(key)
+        self.trim()
+
+    def trim(self) -> None:
+        """Evict least recently used entries beyond the bounds (entries grow when queries add keys/values)."""
         while len(self._items) > self.max_entries or (len(self._items) > 1 and self.nbytes > self.max_bytes):
             self._items.popitem(last=False)
 
@@ -207,7 +218,7 @@ class Grounder:
             with self._inference():
                 tokens = model.encode_image(pixels).float()
             self.stats["vision_passes"] += 1
-            enc = ImageEncoding(tokens, px.image.size, tokens.numel() * tokens.element_size())
+            enc = ImageEncoding(tokens, px.image.size)
             self.cache.put(key, enc)
             return enc
 
@@ -235,6 +246,8 @@ class Grounder:
             boxes, fused = self._boxes(run, results)
             self._itm(run, fused, results)
             self._itc(run, boxes, results)
+        with self._lock:
+            self.cache.trim()                        # the pass may have added fusion keys/values to an entry
         return results[0] if single else results
 
     def _boxes(self, run: "_Pass", results):
@@ -391,6 +404,12 @@ class _Pass:
     def tokens(self, model: XVLM) -> torch.Tensor:
         return self.grounder._encode(self.px, model).tokens
 
+    def image_context(self, model: XVLM) -> ImageContext:
+        """The image as every phrase's fusion context, with the cached encoding's store of per-layer keys/values
+        (one dict for both models when they share a vision encoder: its keys are the attention modules)."""
+        enc = self.grounder._encode(self.px, model)
+        return ImageContext.single(enc.tokens, 1, keys_values=enc.fusion_keys_values)
+
     def embeds(self, model: XVLM) -> torch.Tensor:
         """Text-layer output of the packed phrases, [1, n, H]."""
         if id(model) not in self._embeds:
@@ -401,9 +420,9 @@ class _Pass:
     def fused_cls(self, model: XVLM) -> torch.Tensor:
         """Every phrase fused with the whole image, each phrase's fused [CLS] as [P, 1, H] (the last fusion layer
         computes only those rows: the heads read nothing else)."""
-        image = ImageContext.single(self.tokens(model), 1)
         t = self.text
-        return model.fuse(self.embeds(model), t.attention_mask, image, last_rows=t.starts).transpose(0, 1)
+        return model.fuse(self.embeds(model), t.attention_mask, self.image_context(model),
+                          last_rows=t.starts).transpose(0, 1)
 
 
 def _check_phrases(phrases) -> list[str]:

@@ -61,12 +61,16 @@ class ImageContext:
     patches: torch.Tensor    # [B, N, C] patch tokens per image
     index: torch.Tensor      # [P]       image row of text p
     shared: bool = False     # every text sees image 0 with the same [CLS] (inference: N phrases, one image)
+    # shared only: each cross-attention's keys/values of the image, filled on first use. An image's cached encoding
+    # keeps this dict, so later queries on it skip the per-layer projections (most of a one-phrase query's cost).
+    keys_values: dict | None = None
 
     @classmethod
-    def single(cls, tokens: torch.Tensor, n_texts: int) -> "ImageContext":
-        """One image's [1, 1+N, C] tokens shared by n texts."""
+    def single(cls, tokens: torch.Tensor, n_texts: int, keys_values: dict | None = None) -> "ImageContext":
+        """One image's [1, 1+N, C] tokens shared by n texts; `keys_values`: a dict that caches the projections."""
         return cls(tokens[:, 0].expand(n_texts, -1), tokens[:, 1:], torch.zeros(n_texts, dtype=torch.long,
-                                                                                 device=tokens.device), shared=True)
+                                                                                 device=tokens.device), shared=True,
+                   keys_values=keys_values)
 
     def select(self, rows: torch.Tensor) -> "ImageContext":
         return ImageContext(self.cls[rows], self.patches, self.index[rows], self.shared)
@@ -180,8 +184,12 @@ class BertSelfAttention(nn.Module):
         """All texts attend to the same unmasked image: its keys/values once, and every text's queries as rows of one
         attention call (each row's softmax is over the same keys, so this equals the per-text form) instead of P
         copies of the image's keys and values."""
-        tokens = torch.cat([image.cls[:1, None], image.patches[:1]], dim=1)                 # [1, 1+N, C]
-        k, v = self._heads(self.key(tokens)), self._heads(self.value(tokens))                # [1, h, 1+N, d]
+        k, v = image.keys_values.get(self, (None, None)) if image.keys_values is not None else (None, None)
+        if k is None:
+            tokens = torch.cat([image.cls[:1, None], image.patches[:1]], dim=1)             # [1, 1+N, C]
+            k, v = self._heads(self.key(tokens)), self._heads(self.value(tokens))            # [1, h, 1+N, d]
+            if image.keys_values is not None:
+                image.keys_values[self] = (k, v)
         q = self._heads(self.query(hidden))                                                  # [P, h, T, d]
         P, h, T, d = q.shape
         q = q.transpose(0, 1).reshape(1, h, P * T, d)
