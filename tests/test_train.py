@@ -1,4 +1,5 @@
 """The training pipeline: all four objectives, checkpoint/resume, reproducibility, DDP with gathered ITC."""
+import dataclasses
 import json
 import os
 import random
@@ -229,6 +230,53 @@ def test_collate_marks_texts_that_describe_another_images_object(tmp_path):
     assert di[red_a].tolist() == [True, True]              # its own image; b holds a red circle too
     assert di[blue].tolist() == [False, True]              # a holds no blue square
     assert di[region].tolist() == [True, True]             # unknown meaning: never a negative
+
+
+def test_box_targets_that_name_one_object(tmp_path):
+    """An object label is a box target only when no other object of its scene shares its colour and shape; with the
+    stage option on, the bbox and attention losses skip the others and equal the losses over the rest."""
+    from PIL import Image
+
+    from xvlm.data import Sample
+    from xvlm.data.synthetic import Desc, Phrase, RefSpec, SceneObject
+    from xvlm.losses import bbox_loss
+    from xvlm.models import XVLM
+    from xvlm.train import Pretrainer, Stage, make_tokenizer, text_id
+    objects = [SceneObject("circle", "red", "small", (0, 0, 10, 10)), SceneObject("circle", "red", "large", (30, 0, 60, 30)),
+               SceneObject("square", "blue", "large", (20, 34, 40, 60))]
+    sample = Sample(Image.new("RGB", (64, 64)), "two red circles and a blue square", [
+        Phrase("red circle", (0, 0, 10, 10), "object", (0,)),
+        Phrase("blue square", (20, 34, 40, 60), "object", (2,)),
+        Phrase("the large red circle", (30, 0, 60, 30), "size", (1,), RefSpec("size", Desc("red", "circle", "large")))],
+        objects)
+    recipe = RECIPES["shapes-tiny"]
+    stage = Stage("t", 1, 1e-3, {"bbox": 1, "attn": 1}, ("object", "size"), phrases_per_image=4)
+    tok = make_tokenizer(tmp_path, recipe.model, None)
+    batch = collate([sample], tok, recipe.model, stage, random.Random(0))
+    row = {int(i): k for k, i in enumerate(batch["idx"])}
+    names_one = batch["names_one_object"]
+    assert not names_one[row[text_id("red circle")]]                  # a second red circle in the scene
+    assert names_one[row[text_id("blue square")]] and names_one[row[text_id("the large red circle")]]
+    assert names_one[row[text_id("two red circles and a blue square")]]
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=tok.vocab_size))
+    objective = Pretrainer(XVLM(cfg).eval(), tok, 0.0)
+    objective.weights = {"bbox": 1, "attn": 1}
+    every = objective(batch)
+    objective.unique_box_targets = True
+    unique = objective(batch)
+    phrases = ~batch["is_image"]
+    keep = batch["names_one_object"][phrases]
+    with torch.no_grad():
+        fused = objective.model.fuse(objective.model.encode_text(batch["input_ids"], batch["attention_mask"])[phrases],
+                                     batch["attention_mask"][phrases],
+                                     objective.model.encode_image(batch["images"])[batch["group"][phrases]])
+        pred = objective.model.predict_bbox(fused)
+    l1_rest, giou_rest = bbox_loss(pred[keep], batch["boxes"][phrases][keep])
+    torch.testing.assert_close(unique["l1"], l1_rest, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unique["giou"], giou_rest, atol=1e-5, rtol=1e-4)
+    assert not torch.isclose(every["l1"], unique["l1"])
 
 
 def test_image_matching_negatives_are_images_holding_nothing_the_phrase_describes():
