@@ -89,7 +89,7 @@ RECIPES: dict[str, Recipe] = {
               loss_weights={"itc": 0.5, "bbox": 1, "attn": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True),
         # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): fusion and heads settle on them,
-        # with 8 box queries per image at about 70% of the cost of a stage-2 step (0.7 s vs 1.0 s, runs/v4s3 log).
+        # with 8 box queries per image (0.7 s per step undisturbed, runs/v4s3 log).
         # Also ITM of each phrase against whole images (`itm_image`): the pair the demo's ITM score is read from.
         # Box targets only from phrases that name one object: from the same stage-2 model, Acc@0.5 0.530 -> 0.548
         # (attribute expressions 0.464 -> 0.495), 300 eval scenes.
