@@ -55,7 +55,7 @@ def test_align_probe_batch_is_the_same_in_every_process():
     from `hash()` of a str, which made fresh runs differ from each other)."""
     script = textwrap.dedent("""
         import hashlib
-        from xvlm.train import RECIPES, SyntheticSource, align_probe_batch, make_tokenizer
+        from xvlm.train import RECIPES, SyntheticSource, align_probe_batch
         from xvlm.preprocess import Tokenizer
         recipe = RECIPES["shapes-tiny"]
         tok = Tokenizer("weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
@@ -242,7 +242,8 @@ def test_box_targets_that_name_one_object(tmp_path):
     from xvlm.losses import bbox_loss
     from xvlm.models import XVLM
     from xvlm.train import Pretrainer, Stage, make_tokenizer, text_id
-    objects = [SceneObject("circle", "red", "small", (0, 0, 10, 10)), SceneObject("circle", "red", "large", (30, 0, 60, 30)),
+    objects = [SceneObject("circle", "red", "small", (0, 0, 10, 10)),
+               SceneObject("circle", "red", "large", (30, 0, 60, 30)),
                SceneObject("square", "blue", "large", (20, 34, 40, 60))]
     sample = Sample(Image.new("RGB", (64, 64)), "two red circles and a blue square", [
         Phrase("red circle", (0, 0, 10, 10), "object", (0,)),

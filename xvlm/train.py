@@ -171,14 +171,14 @@ def distinct_concepts(phrases, stage: Stage, rng: random.Random) -> list:
     return chosen
 
 
-def _names_one_object(phrase, objects) -> bool:
-    """False for an object label whose colour and shape another object of the scene shares ("red circle" beside a
-    second red circle): as a box target it contradicts itself (about a third of the labels of training scenes). Other
-    kinds name one object (referring expressions) or one group (regions) by construction; unknown data: True."""
-    if phrase.kind != "object" or not objects or len(phrase.target) != 1:
+def _names_one_object(phrase, want, objects) -> bool:
+    """False for an object label whose description (`want` from `_meaning`: colour and shape) fits another object of
+    the scene too ("red circle" beside a second red circle): as a box target it contradicts itself (about a third of
+    the labels of training scenes). Other kinds name one object (referring expressions) or one group (regions) by
+    construction; unknown meaning: True."""
+    if phrase.kind != "object" or want is None:
         return True
-    obj = objects[phrase.target[0]]
-    return sum(o.color == obj.color and o.shape == obj.shape for o in objects) == 1
+    return sum(want.matches(o) for o in objects) == 1
 
 
 def _meaning(phrase, objects):
@@ -209,7 +209,7 @@ def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: r
             texts.append(p.text), group.append(i), is_image.append(False)
             boxes.append((max(x0 / W, 0.0), max(y0 / H, 0.0), min(x1 / W, 1.0), min(y1 / H, 1.0)))
             want, held = _meaning(p, s.objects)
-            wants.append(want), holds.append(held), names_one.append(_names_one_object(p, s.objects))
+            wants.append(want), holds.append(held), names_one.append(_names_one_object(p, want, s.objects))
     describes = torch.tensor([[w is not None and o is not None and w.matches(o) for o in holds] for w in wants],
                              dtype=torch.bool).reshape(len(texts), len(texts))
     # text j could be about something in image i (own image; unknown meaning: any image): never an image negative
@@ -271,9 +271,8 @@ class Pretrainer(nn.Module):
             finally:
                 last_cross.keep_attention = False
         if w.get("bbox"):
-            targets = torch.ones_like(phrases[phrases])
-            if self.unique_box_targets and batch["names_one_object"][phrases].any():
-                targets = batch["names_one_object"][phrases]
+            names_one = batch["names_one_object"][phrases]
+            targets = names_one if self.unique_box_targets and names_one.any() else slice(None)
             out["l1"], out["giou"] = losses.bbox_loss(m.predict_bbox(fused)[targets], batch["boxes"][phrases][targets])
             if w.get("attn"):
                 out["attn"] = losses.attention_guidance_loss(last_cross.attention_map[targets],
