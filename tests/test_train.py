@@ -71,6 +71,23 @@ def test_align_probe_batch_is_the_same_in_every_process():
     assert digests[0] == digests[1] and len(digests[0]) == 40
 
 
+def test_batches_built_ahead_in_a_worker_are_the_batches_of_the_training_loop():
+    """The loader worker changes when a batch is built, never what it holds: same tensors, same order, each step
+    with its own stage's phrase kinds (the stream starts inside stage 1 and crosses into stage 2)."""
+    from xvlm.preprocess import Tokenizer
+    from xvlm.train import StepBatches, SyntheticSource, step_batches
+    recipe = RECIPES["shapes-tiny"]
+    tok = Tokenizer(ROOT / "weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
+    dataset = StepBatches(SyntheticSource(recipe.seed), recipe, 0, tok, recipe.model)
+    start = recipe.stages[0].steps - 1
+    inline = list(step_batches(dataset, start, workers=0))
+    ahead = list(step_batches(dataset, start, workers=1))
+    assert len(inline) == len(ahead) == len(dataset) - start
+    for a, b in zip(inline, ahead):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(inline[0]["input_ids"], inline[1]["input_ids"])
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     full = tmp_path / "full"
     _run_tiny(full)
@@ -111,6 +128,52 @@ def test_starting_at_a_stage_from_exported_weights_equals_the_full_run(tmp_path)
             k.startswith(f"text_encoder.encoder.layer.{i}.") for i in range(2, 4))
         assert moved <= trainable, k
     assert any(not torch.equal(two[k], b[k]) for k in two if k.startswith("bbox_head."))
+
+
+def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients(monkeypatch):
+    """Training runs the text and fusion layers on captions and phrases apart, each padded to its own longest text;
+    every loss and gradient must be what one padded batch gives."""
+    from xvlm import losses
+    from xvlm.models import XVLM
+    from xvlm.preprocess import Tokenizer
+    from xvlm.train import Pretrainer, SyntheticSource
+    recipe = RECIPES["shapes-tiny"]
+    stage = dataclasses.replace(recipe.stages[2], loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1, "attn": 1,
+                                                                "itm_image": 1})
+    tok = Tokenizer(ROOT / "weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
+    cfg = dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=tok.vocab_size))
+    torch.manual_seed(0)
+    model = XVLM(cfg)
+    objective = Pretrainer(model, tok, 0.25)
+    objective.weights = stage.loss_weights
+    batch = collate(SyntheticSource(0).batch(5, 0, 4), tok, cfg, stage, random.Random(0))
+    lengths = batch["attention_mask"].sum(dim=1)
+    captions, phrases = batch["is_image"].nonzero().squeeze(1), (~batch["is_image"]).nonzero().squeeze(1)
+    assert lengths[phrases].max() < lengths[captions].max() <= batch["input_ids"].shape[1]
+    # ITM negatives that cross the groups: each phrase's negative text a caption, each caption's a phrase
+    neg_text = torch.empty_like(batch["group"])
+    neg_text[phrases] = captions[torch.arange(len(phrases)) % len(captions)]
+    neg_text[captions] = phrases[torch.arange(len(captions)) % len(phrases)]
+    monkeypatch.setattr(losses, "sample_hard_negatives", lambda *args: (torch.roll(neg_text, 1), neg_text))
+
+    def run():
+        torch.manual_seed(1)          # the same MLM masks and image negatives both times
+        model.zero_grad()
+        out = objective(batch)
+        objective.total(out).backward()
+        return {k: v.item() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                          if p.grad is not None}
+    trimmed, trimmed_grads = run()
+    monkeypatch.setattr(losses, "without_padding", lambda tokens, mask: (tokens, mask))
+    monkeypatch.setattr(losses, "in_length_groups",    # one group: the whole padded batch
+                        lambda groups, run, tokens, mask, out_len=None: run(torch.arange(len(tokens)), tokens, mask))
+    padded, padded_grads = run()
+    assert trimmed.keys() == padded.keys() >= {"itc", "itm", "mlm", "l1", "giou", "attn", "itm_image"}
+    for k in trimmed:
+        assert abs(trimmed[k] - padded[k]) < 1e-5, k
+    assert trimmed_grads.keys() == padded_grads.keys()
+    for n in trimmed_grads:
+        torch.testing.assert_close(trimmed_grads[n], padded_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_contrastive_loss_treats_same_text_as_positive():

@@ -75,7 +75,7 @@ SHAPES_MODEL = XVLMConfig(
     embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
 
 RECIPES: dict[str, Recipe] = {
-    # The shipped default model: about 78 minutes on a 2-core CPU (weights/README.md has the measured times).
+    # The shipped default model: about 75 minutes on a 2-core CPU (weights/README.md has the measured times).
     "shapes": Recipe(model=SHAPES_MODEL, batch_images=24, stages=[
         Stage("pretrain", steps=1000, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
               phrase_kinds=ALL_KINDS, phrases_per_image=4),
@@ -84,16 +84,19 @@ RECIPES: dict[str, Recipe] = {
         # on the target's patches from the start. No ITM here (the official grounding fine-tuning has none either):
         # its two hard negatives per pair were 40% of a step (1.0 s -> 0.6 s without), and at equal wall time from
         # the same stage-1 model the boxes learned faster without it (10 min: Acc@0.5 0.166 vs 0.095, 100 scenes).
-        # ITC stays, so the heatmaps keep their meaning.
-        Stage("grounding", steps=4500, lr=2e-4,
+        # ITC stays, so the heatmaps keep their meaning. Box targets only from phrases that name one object (see
+        # stage 3); 5100 steps since captions and phrases stopped sharing one padding (0.805 -> 0.703 s per step).
+        Stage("grounding", steps=5100, lr=2e-4,
               loss_weights={"itc": 0.5, "bbox": 1, "attn": 1},
-              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True),
+              phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True,
+              unique_box_targets=True),
         # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): fusion and heads settle on them,
-        # with 8 box queries per image (0.7 s per step undisturbed, runs/v4s3 log).
+        # with 8 box queries per image (0.6 s per step, runs/v7s3a log).
         # Also ITM of each phrase against whole images (`itm_image`): the pair the demo's ITM score is read from.
         # Box targets only from phrases that name one object: from the same stage-2 model, Acc@0.5 0.530 -> 0.548
-        # (attribute expressions 0.464 -> 0.495), 300 eval scenes.
-        Stage("grounding-fusion", steps=500, lr=3e-4,
+        # (attribute expressions 0.464 -> 0.495), 300 eval scenes. lr 1e-4, not 3e-4: at 3e-4 this stage lost
+        # boxes (runs/v7: 0.561 at the end of stage 2 -> 0.549), at 1e-4 it kept them (0.565, runs/v7s3a).
+        Stage("grounding-fusion", steps=500, lr=1e-4,
               loss_weights={"itm": 0.5, "itm_image": 0.5, "bbox": 1, "attn": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=8, warmup=50, trainable="fusion",
               unique_box_targets=True),
@@ -227,6 +230,35 @@ def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: r
             "names_one_object": torch.tensor(names_one)}
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Batch of global step s = collate(source.batch(s)) with that step's stage and rng: a pure function of s, so
+    loader workers can build the next batches while the model trains on this one and the run stays reproducible and
+    resumable. Rendering and collating 24 scenes takes 0.1-0.2 s: a sixth of a stage-2 step on the 2-core CPU, where
+    a worker gained nothing (0.805 vs 0.800 s per step: both cores are busy with the model anyway), but most of a
+    step on a GPU."""
+
+    def __init__(self, source, recipe: Recipe, rank: int, tokenizer: Tokenizer, cfg: XVLMConfig):
+        self.source, self.recipe, self.rank, self.tokenizer, self.cfg = source, recipe, rank, tokenizer, cfg
+        self.stage_of_step = [stage for stage in recipe.stages for _ in range(stage.steps)]
+
+    def __len__(self) -> int:
+        return len(self.stage_of_step)
+
+    def __getitem__(self, step: int) -> dict:
+        rng = random.Random(hash((self.recipe.seed, self.rank, step)))
+        return collate(self.source.batch(step, self.rank, self.recipe.batch_images), self.tokenizer, self.cfg,
+                       self.stage_of_step[step], rng)
+
+
+def step_batches(dataset: StepBatches, start: int, workers: int):
+    """The batches of steps start, start+1, ... in order; `workers` > 0 builds them ahead in that many processes."""
+    if workers == 0:
+        return (dataset[step] for step in range(start, len(dataset)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # the tokenizer is used before the fork
+    return iter(torch.utils.data.DataLoader(dataset, sampler=range(start, len(dataset)), batch_size=None,
+                                            num_workers=workers, prefetch_factor=2, persistent_workers=False))
+
+
 # --- the objective ------------------------------------------------------------------------------------------------
 class Pretrainer(nn.Module):
     """forward(batch) -> dict of losses; a module so DistributedDataParallel can wrap it."""
@@ -244,7 +276,9 @@ class Pretrainer(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_vision):
             tokens = m.encode_image(batch["images"])                                # one vision pass per image
         visual = losses.concept_visuals(tokens, batch["group"], batch["patch_mask"])  # image / region / object
-        text_embeds = m.encode_text(ids, tmask)
+        phrases = ~batch["is_image"]
+        by_length = [batch["is_image"], phrases]      # captions and phrases, each padded to its own longest text
+        text_embeds = losses.encode_text(m, ids, tmask, by_length)
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             m.temp.clamp_(0.001, 0.5)
@@ -254,19 +288,20 @@ class Pretrainer(nn.Module):
         if w.get("itm"):
             neg_image, neg_text = losses.sample_hard_negatives(image_feat, text_feat, m.temp, batch["idx"],
                                                                 batch.get("describes"))
-            out["itm"] = losses.matching_loss(m, visual, batch["patch_mask"], text_embeds, tmask, neg_image, neg_text)
+            out["itm"] = losses.matching_loss(m, visual, batch["patch_mask"], text_embeds, tmask, neg_image,
+                                              neg_text, by_length)
         if w.get("mlm"):
             t = self.tokenizer
             masked, labels = losses.mask_tokens(ids, tmask, t.mask_id, t.vocab_size, self.mask_prob,
                                                 (t.pad_id, t.cls_id))
-            out["mlm"] = losses.mlm_loss(m, masked, tmask, labels, visual, batch["patch_mask"])
+            out["mlm"] = losses.mlm_loss(m, masked, tmask, labels, visual, batch["patch_mask"], by_length)
         if w.get("bbox") or w.get("itm_image"):     # phrases fused with their whole image: the Grounder's query
-            phrases = ~batch["is_image"]
+            phrase_embeds, phrase_mask = losses.without_padding(text_embeds[phrases], tmask[phrases])
             whole_image = ImageContext(tokens[batch["group"], 0], tokens[:, 1:], batch["group"]).select(phrases)
             last_cross = m.text_encoder.fusion_layers[-1].crossattention.self
             last_cross.keep_attention = bool(w.get("attn") and w.get("bbox"))
             try:
-                fused = m.fuse(text_embeds[phrases], tmask[phrases], whole_image,
+                fused = m.fuse(phrase_embeds, phrase_mask, whole_image,
                                last_rows=losses.CLS_ROW.to(tmask.device))
             finally:
                 last_cross.keep_attention = False
@@ -280,7 +315,7 @@ class Pretrainer(nn.Module):
             last_cross.attention_map = None
         if w.get("itm_image"):
             out["itm_image"] = losses.image_matching_loss(
-                m, fused, tokens, text_embeds[phrases], tmask[phrases], text_feat[phrases],
+                m, fused, tokens, phrase_embeds, phrase_mask, text_feat[phrases],
                 m.image_features(tokens[:, 0]), m.temp, batch["describes_image"][phrases])
         return out
 
@@ -400,7 +435,8 @@ def make_optimizer(model: XVLM, lr: float, weight_decay: float) -> torch.optim.O
 
 def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None, resume: bool = True,
           ckpt_every: int = 200, max_minutes: float | None = None, progress: bool = True,
-          init: str | Path | None = None, start_stage: str | None = None) -> XVLM:
+          init: str | Path | None = None, start_stage: str | None = None,
+          loader_workers: int | None = None) -> XVLM:
     """Run (or resume) a recipe. `init` + `start_stage`: begin at that stage from a saved model folder (each stage
     starts a fresh optimizer, so this equals running the earlier stages, given their weights)."""
     out = Path(out)
@@ -444,6 +480,9 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
     total_steps = sum(s.steps for s in recipe.stages)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True)
+    if loader_workers is None:
+        loader_workers = min(4, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+    batches = step_batches(StepBatches(source, recipe, rank, tokenizer, cfg), start, loader_workers)
     t0 = time.time()
     step = start
     model.train()
@@ -467,10 +506,8 @@ def train(recipe: Recipe, out: str | Path, source=None, vocab: str | None = None
                 print(f"stage {stage.name}: cross-attention aligned with ITC (scale {scale:.3f})")
         for stage_step in range(max(0, step - first), stage.steps):
             step = first + stage_step
-            rng = random.Random(hash((recipe.seed, rank, step)))
             torch.manual_seed(hash((recipe.seed, rank, step)) % 2**63)   # masking, negatives, dropout: resumable
-            batch = collate(source.batch(step, rank, recipe.batch_images), tokenizer, cfg, stage, rng)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in next(batches).items()}
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(stage_step, stage)
             out_losses = wrapped(batch)
@@ -544,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", help="vocab.txt for --data (default: the synthetic corpus' vocabulary)")
     p.add_argument("--export", help="copy the final model here (e.g. weights/xvlm-shapes)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--loader-workers", type=int,
+                   help="processes that build the next batches while the model trains (0: in the training loop; "
+                        "default: 0 on CPU, where the cores are busy with the model anyway, up to 4 with CUDA)")
     p.add_argument("--init", help="model folder to start from (with --start-stage), e.g. a previous export")
     p.add_argument("--start-stage", help="with --init: the recipe stage to start at")
     args = p.parse_args(argv)
@@ -564,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.init and not args.vocab:
         args.vocab = str(Path(args.init) / "vocab.txt")
     train(recipe, args.out, source=source, vocab=args.vocab, resume=not args.no_resume,
-          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, init=args.init, start_stage=args.start_stage)
+          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, init=args.init, start_stage=args.start_stage,
+          loader_workers=args.loader_workers)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         print(f"training wall time: {(time.time() - t0) / 60:.1f} min")
