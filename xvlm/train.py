@@ -75,7 +75,7 @@ SHAPES_MODEL = XVLMConfig(
     embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
 
 RECIPES: dict[str, Recipe] = {
-    # The shipped default model: about 75 minutes on a 2-core CPU (weights/README.md has the measured times).
+    # The shipped default model: about 74 minutes on a 2-core CPU (weights/README.md has the measured times).
     "shapes": Recipe(model=SHAPES_MODEL, batch_images=24, stages=[
         Stage("pretrain", steps=1000, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
               phrase_kinds=ALL_KINDS, phrases_per_image=4),
@@ -85,13 +85,13 @@ RECIPES: dict[str, Recipe] = {
         # its two hard negatives per pair were 40% of a step (1.0 s -> 0.6 s without), and at equal wall time from
         # the same stage-1 model the boxes learned faster without it (10 min: Acc@0.5 0.166 vs 0.095, 100 scenes).
         # ITC stays, so the heatmaps keep their meaning. Box targets only from phrases that name one object (see
-        # stage 3); 5100 steps since captions and phrases stopped sharing one padding (0.805 -> 0.703 s per step).
-        Stage("grounding", steps=5100, lr=2e-4,
+        # stage 3); 5800 steps since captions and phrases stopped sharing one padding (0.805 -> 0.703 s per step).
+        Stage("grounding", steps=5800, lr=2e-4,
               loss_weights={"itc": 0.5, "bbox": 1, "attn": 1},
               phrase_kinds=REFEXP_KINDS + ("object",), phrases_per_image=6, warmup=50, align_cross_attention=True,
               unique_box_targets=True),
         # Encoders frozen (ITC features and heatmaps stay as stage 2 left them): fusion and heads settle on them,
-        # with 8 box queries per image (0.6 s per step, runs/v7s3a log).
+        # with 8 box queries per image (0.51 s per step, runs/v8 log).
         # Also ITM of each phrase against whole images (`itm_image`): the pair the demo's ITM score is read from.
         # Box targets only from phrases that name one object: from the same stage-2 model, Acc@0.5 0.530 -> 0.548
         # (attribute expressions 0.464 -> 0.495), 300 eval scenes. lr 1e-4, not 3e-4: at 3e-4 this stage lost
