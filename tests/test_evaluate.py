@@ -101,6 +101,48 @@ def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):
     assert flat["cx"] < 0.1 and flat["w"] < 0.1
 
 
+def test_shape_probe_reads_shapes_that_are_in_the_features():
+    """Concepts that are their object's one-hot shape (plus noise) are read back; constant ones give only the
+    majority class."""
+    import torch
+
+    from xvlm.data.synthetic import SHAPES
+    from xvlm.evaluate import shape_probe_accuracy
+    scenes = eval_scenes(60)
+    shapes_by_box = {(id(s.image), tuple(p.box)): s.objects[p.target[0]].shape for s in scenes for p in s.objects_text}
+    generator = torch.Generator().manual_seed(0)
+
+    class Knows:
+        def concepts(self, image, boxes):
+            onehot = torch.eye(8)[[SHAPES.index(shapes_by_box[id(image), tuple(b)]) for b in boxes]]
+            return onehot + 0.1 * torch.randn(len(boxes), 8, generator=generator)
+
+    class Blind:
+        def concepts(self, image, boxes):
+            return torch.ones(len(boxes), 8)
+
+    seeing = shape_probe_accuracy(Knows(), scenes)
+    assert seeing["accuracy"] > 0.95 and seeing["n_scored"] > 20
+    blind = shape_probe_accuracy(Blind(), scenes)
+    assert blind["accuracy"] == pytest.approx(blind["majority"]) and blind["majority"] < 0.6
+
+
+def test_accuracy_by_the_words_that_name_the_target():
+    scenes = eval_scenes(30)
+    records = ground_expressions(_Oracle(scenes, 0.0), scenes)
+    table = grounding_accuracy(records, by="named_by")
+    assert sum(row["n"] for row in table.values()) == len(records)
+    assert {"colour", "shape", "colour + shape"} <= set(table)
+    assert all(set(words.split(" + ")) <= {"size", "colour", "shape"} or words == "noun only" for words in table)
+    attribute = [r for r in records if r["kind"] == "attribute"]
+    assert {r["named_by"] for r in attribute} >= {"colour", "shape"}   # "the red shape", "the triangle"
+    assert "target named by" in format_report({**evaluate_stub(), "named_by": table})
+
+
+def evaluate_stub() -> dict:
+    return {"model": "m", "scenes": 0, "seed": 0, "grounding": {}, "retrieval": {}}
+
+
 def test_itm_metric_counts_present_and_absent_labels():
     scenes = eval_scenes(8)
 

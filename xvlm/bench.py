@@ -291,7 +291,7 @@ def describe(g) -> str:
     if v.kind == "swin":
         vis = f"Swin embed {v.embed_dim} depths {list(v.depths)} @ {v.image_res}px"
     else:
-        vis = f"ViT width {v.width} depth {v.depth} @ {v.image_res}px"
+        vis = f"ViT width {v.width} depth {v.depth}{', conv stem' if v.stem == 'conv' else ''} @ {v.image_res}px"
     n_params = sum(p.numel() for p in g.model.parameters())
     return (f"{vis} ({v.grid_size}x{v.grid_size} patches) + BERT width {t.hidden_size} "
             f"{t.fusion_layer}+{t.num_hidden_layers - t.fusion_layer} layers; heads {','.join(cfg.heads)}; "

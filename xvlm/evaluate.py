@@ -62,22 +62,36 @@ def ground_expressions(g: Grounder, scenes) -> list[dict]:
                 "kind": p.kind, "iou": iou, "centre_in": box_centre_in(r.box_xyxy, p.box),
                 "pointing": (None if r.patch_heatmap is None
                              else heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size)),
-                "target_size": target_w / min(scene.image.size),
+                "target_size": target_w / min(scene.image.size), "named_by": named_by(p),
                 "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})
     return records
 
 
-def grounding_accuracy(records: list[dict]) -> dict:
-    """Acc@0.5, mean IoU, centre-in and pointing per expression kind and over all."""
-    def row(rs):
-        points = [r["pointing"] for r in rs if r["pointing"] is not None]
-        return {"n": len(rs), "acc@0.5": float(np.mean([r["iou"] >= 0.5 for r in rs])),
-                "mean_iou": float(np.mean([r["iou"] for r in rs])),
-                "centre_in": float(np.mean([r["centre_in"] for r in rs])),
-                "pointing": float(np.mean(points)) if points else None}
+def named_by(phrase) -> str | None:
+    """Which words name the target itself ("the small red circle left of ..." -> 'size + colour + shape'): colour
+    alone is easy to see, shape needs the encoder to see outlines, so accuracy split this way tells them apart."""
+    if phrase.spec is None:
+        return None
+    target = phrase.spec.target
+    words = [name for name, value in (("size", target.size), ("colour", target.color), ("shape", target.shape))
+             if value]
+    return " + ".join(words) or "noun only"
 
-    table = {kind: row([r for r in records if r["kind"] == kind]) for kind in sorted({r["kind"] for r in records})}
-    table["all"] = row(records)
+
+def _accuracy_row(records: list[dict]) -> dict:
+    points = [r["pointing"] for r in records if r["pointing"] is not None]
+    return {"n": len(records), "acc@0.5": float(np.mean([r["iou"] >= 0.5 for r in records])),
+            "mean_iou": float(np.mean([r["iou"] for r in records])),
+            "centre_in": float(np.mean([r["centre_in"] for r in records])),
+            "pointing": float(np.mean(points)) if points else None}
+
+
+def grounding_accuracy(records: list[dict], by: str = "kind") -> dict:
+    """Acc@0.5, mean IoU, centre-in and pointing per value of `by` (expression kind, or `named_by`) and over all."""
+    groups = sorted({r[by] for r in records if r[by] is not None})
+    table = {g: _accuracy_row([r for r in records if r[by] == g]) for g in groups}
+    if by == "kind":
+        table["all"] = _accuracy_row(records)
     return table
 
 
@@ -146,30 +160,57 @@ def itm_present_absent(g: Grounder, scenes) -> dict:
 
 
 @torch.inference_mode()
-def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
-    """R^2 of a least-squares linear read-out of each object's box (cx, cy, w, h) from its visual concept [CLS]
-    (the mean of the patches the box covers), fitted on the first scenes' objects and scored on the rest.
-
-    A diagnostic for the bbox head: what the vision encoder's patch features make linearly available. Where w and h
-    score low, a box head can find the object but not its extent."""
-    feats, targets = [], []
+def object_concepts(g: Grounder, scenes) -> tuple[torch.Tensor, list]:
+    """What the linear probes read from: each labelled object's visual concept [CLS] (the mean of the patches its
+    box covers), [objects, width] float64, and its (`Phrase`, scene) pair for the targets."""
+    feats, objects = [], []
     for scene in scenes:
         if not scene.objects_text:
             continue
-        W, H = scene.image.size
         feats.append(g.concepts(scene.image, [p.box for p in scene.objects_text]).cpu())
-        for p in scene.objects_text:
-            x0, y0, x1, y1 = p.box[0] / W, p.box[1] / H, p.box[2] / W, p.box[3] / H
-            targets.append(torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]))
-    X = torch.cat(feats).double()
-    X = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], dim=1)
-    Y = torch.stack(targets).double()
+        objects += [(p, scene) for p in scene.objects_text]
+    return torch.cat(feats).double(), objects
+
+
+def _linear_probe(X: torch.Tensor, Y: torch.Tensor, train_fraction: float) -> tuple[torch.Tensor, int]:
+    """Least-squares read-out (with a bias) fitted on the first rows: predictions for the rest, and the split."""
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
     n_fit = int(len(X) * train_fraction)
     weights = torch.linalg.lstsq(X[:n_fit], Y[:n_fit]).solution
-    residual = ((X[n_fit:] @ weights - Y[n_fit:]) ** 2).sum(dim=0)
+    return X[n_fit:] @ weights, n_fit
+
+
+def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
+    """R^2 of a linear read-out of each object's box (cx, cy, w, h) from its visual concept [CLS], fitted on the
+    first scenes' objects and scored on the rest.
+
+    A diagnostic for the bbox head: what the vision encoder's patch features make linearly available. Where w and h
+    score low, a box head can find the object but not its extent."""
+    X, objects = object_concepts(g, scenes)
+    boxes = [[v / n for v, n in zip(p.box, 2 * scene.image.size)] for p, scene in objects]
+    Y = torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0] for x0, y0, x1, y1 in boxes],
+                     dtype=torch.float64)
+    predicted, n_fit = _linear_probe(X, Y, train_fraction)
+    residual = ((predicted - Y[n_fit:]) ** 2).sum(dim=0)
     total = ((Y[n_fit:] - Y[n_fit:].mean(dim=0)) ** 2).sum(dim=0)
     r2 = (1 - residual / total).tolist()
     return {"n_fit": n_fit, "n_scored": len(X) - n_fit, **dict(zip(("cx", "cy", "w", "h"), r2))}
+
+
+def shape_probe_accuracy(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
+    """Accuracy of a linear read-out of each object's shape (circle, square, ...) from its visual concept [CLS]
+    (least squares onto one-hot targets, fitted as `box_probe_r2`), with the majority-class rate beside it.
+
+    The question behind "the triangle" and "the red square" next to a red circle: colour is linear in the pixels,
+    shape is not, and an encoder can learn the first without the second."""
+    from .data.synthetic import SHAPES
+    X, objects = object_concepts(g, scenes)
+    labels = torch.tensor([SHAPES.index(scene.objects[p.target[0]].shape) for p, scene in objects])
+    predicted, n_fit = _linear_probe(X, torch.eye(len(SHAPES), dtype=torch.float64)[labels], train_fraction)
+    held_out = labels[n_fit:]
+    return {"n_fit": n_fit, "n_scored": len(held_out),
+            "accuracy": float((predicted.argmax(dim=1) == held_out).double().mean()),
+            "majority": float(torch.bincount(held_out).max() / len(held_out))}
 
 
 def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int = EVAL_SEED,
@@ -177,13 +218,14 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     scenes = eval_scenes(n_scenes, seed)
     records = ground_expressions(g, scenes)
     report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(records),
-              "box_size": box_size_by_target_size(records)}
+              "named_by": grounding_accuracy(records, by="named_by"), "box_size": box_size_by_target_size(records)}
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
     report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
     if probe:
         g.cache.clear()
         report["box_probe_r2"] = box_probe_r2(g, scenes)
+        report["shape_probe"] = shape_probe_accuracy(g, scenes)
     return report
 
 
@@ -197,6 +239,11 @@ def format_report(report: dict) -> str:
     lines += ["", "Acc@0.5: the bbox head's box has IoU >= 0.5 with the target. centre in: the box's centre lies in the "
               "target (the right object, whatever the size). pointing: the patch-ITC heatmap's hottest cell lies in "
               "the target box (what the heatmap alone localises)."]
+    if report.get("named_by"):
+        lines += ["", f"{'target named by':<24}{'n':>6}{'Acc@0.5':>10}{'centre in':>11}   (the words for the target "
+                      "itself, whatever the kind)"]
+        for words, row in report["named_by"].items():
+            lines.append(f"{words:<24}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}")
     if report.get("box_size"):
         lines += ["", f"{'target width':<16}{'n':>6}{'Acc@0.5':>10}{'box/target width':>18}   "
                       "(bins of target width / image short side; width ratio: median over boxes on the right object)"]
@@ -217,6 +264,10 @@ def format_report(report: dict) -> str:
         r = report["box_probe_r2"]
         lines += ["", f"linear read-out of the object box from its concept [CLS] (R^2 on {r['n_scored']} held-out "
                       f"objects): cx {r['cx']:.3f}  cy {r['cy']:.3f}  w {r['w']:.3f}  h {r['h']:.3f}"]
+    if "shape_probe" in report:
+        r = report["shape_probe"]
+        lines += [f"linear read-out of the object shape from its concept [CLS] (accuracy on {r['n_scored']} held-out "
+                  f"objects): {r['accuracy']:.3f}  (majority class {r['majority']:.3f})"]
     return "\n".join(lines)
 
 
@@ -230,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--probe", action="store_true",
-                   help="also fit a linear read-out of object boxes from concept features (a bbox-head diagnostic)")
+                   help="also fit linear read-outs of object boxes and shapes from concept features (diagnostics)")
     args = p.parse_args(argv)
     g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
     report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)

@@ -11,6 +11,8 @@ import math
 import timm.models.swin_transformer as timm_swin
 import timm.models.vision_transformer as timm_vit
 import torch
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from ..config import VisionConfig
@@ -32,7 +34,7 @@ class VisionEncoder(nn.Module):
             self.backbone = timm_vit.VisionTransformer(
                 img_size=cfg.image_res, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
                 num_heads=cfg.heads, mlp_ratio=4.0, qkv_bias=True, class_token=False, global_pool="avg",
-                num_classes=0, drop_path_rate=0.05)
+                num_classes=0, drop_path_rate=0.05, embed_layer=_patch_embedding(cfg))
             # Fixed 2-D sin-cos positions (as MAE): X-VLM's fusion attends to image tokens without positions of its
             # own, so the box can only be read off position carried by the tokens. A from-scratch learned embedding
             # (init std 0.02) stayed too weak for that in our measurements; a fixed one cannot fade.
@@ -57,6 +59,26 @@ class VisionEncoder(nn.Module):
         patches = self.backbone.forward_features(images)
         patches = patches.flatten(1, 2) if patches.dim() == 4 else patches  # Swin: B H W C, ViT: B N C
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
+
+
+def _patch_embedding(cfg: VisionConfig):
+    """timm's ViT embedding layer for `cfg.stem`: its linear patchify, or a convolutional stem whose last stride-2
+    convolution lands on the patch grid with `width` channels (16, 32, ... channels before it; BatchNorm + ReLU)."""
+    if cfg.stem == "patch":
+        return timm_vit.PatchEmbed
+    if cfg.stem != "conv":
+        raise ValueError(f"unknown vision stem {cfg.stem!r}")
+    depth = int(math.log2(cfg.patch_size))
+    if 2 ** depth != cfg.patch_size or depth < 2:
+        raise ValueError(f"a conv stem needs a power-of-two patch_size >= 4, got {cfg.patch_size}")
+    channels = tuple(16 * 2 ** i for i in range(depth - 1)) + (cfg.width,)
+
+    def embedding(img_size, patch_size, in_chans, embed_dim, **_):
+        stem = ConvStem(in_chans, depth, channels, kernel_size=3, stride=(2,) * depth, norm_layer="batchnorm2d",
+                        act_layer="relu")
+        return HybridEmbed(stem, img_size=img_size, patch_size=1,
+                           in_chans=in_chans, embed_dim=embed_dim, proj=False)
+    return embedding
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
