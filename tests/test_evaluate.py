@@ -79,7 +79,7 @@ def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):
     exactly, so the read-out must find it (R^2 ~ 1), while a constant encoder gives nothing to read."""
     import torch
 
-    from xvlm.evaluate import box_probe_r2
+    from xvlm.evaluate import box_probe_r2, object_concepts
     g = bench.tiny_grounder("cpu", tmp_path)
     grid = g.grid_size
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -93,11 +93,11 @@ def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):
 
     monkeypatch.setattr(g.model, "encode_image", coordinate_tokens)
     scenes = eval_scenes(40)
-    r2 = box_probe_r2(g, scenes)
+    r2 = box_probe_r2(*object_concepts(g, scenes))
     assert r2["cx"] > 0.9 and r2["cy"] > 0.9 and r2["n_scored"] > 10
     g.cache.clear()
     monkeypatch.setattr(g.model, "encode_image", lambda images: torch.ones(len(images), 1 + grid * grid, width))
-    flat = box_probe_r2(g, scenes)
+    flat = box_probe_r2(*object_concepts(g, scenes))
     assert flat["cx"] < 0.1 and flat["w"] < 0.1
 
 
@@ -107,7 +107,7 @@ def test_shape_probe_reads_shapes_that_are_in_the_features():
     import torch
 
     from xvlm.data.synthetic import SHAPES
-    from xvlm.evaluate import shape_probe_accuracy
+    from xvlm.evaluate import object_concepts, shape_probe_accuracy
     scenes = eval_scenes(60)
     shapes_by_box = {(id(s.image), tuple(p.box)): s.objects[p.target[0]].shape for s in scenes for p in s.objects_text}
     generator = torch.Generator().manual_seed(0)
@@ -121,9 +121,9 @@ def test_shape_probe_reads_shapes_that_are_in_the_features():
         def concepts(self, image, boxes):
             return torch.ones(len(boxes), 8)
 
-    seeing = shape_probe_accuracy(Knows(), scenes)
+    seeing = shape_probe_accuracy(*object_concepts(Knows(), scenes))
     assert seeing["accuracy"] > 0.95 and seeing["n_scored"] > 20
-    blind = shape_probe_accuracy(Blind(), scenes)
+    blind = shape_probe_accuracy(*object_concepts(Blind(), scenes))
     assert blind["accuracy"] == pytest.approx(blind["majority"]) and blind["majority"] < 0.6
 
 

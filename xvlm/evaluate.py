@@ -180,13 +180,12 @@ def _linear_probe(X: torch.Tensor, Y: torch.Tensor, train_fraction: float) -> tu
     return X[n_fit:] @ weights, n_fit
 
 
-def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
-    """R^2 of a linear read-out of each object's box (cx, cy, w, h) from its visual concept [CLS], fitted on the
-    first scenes' objects and scored on the rest.
+def box_probe_r2(X: torch.Tensor, objects: list, train_fraction: float = 0.8) -> dict:
+    """R^2 of a linear read-out of each object's box (cx, cy, w, h) from its visual concept [CLS] (`object_concepts`),
+    fitted on the first scenes' objects and scored on the rest.
 
     A diagnostic for the bbox head: what the vision encoder's patch features make linearly available. Where w and h
     score low, a box head can find the object but not its extent."""
-    X, objects = object_concepts(g, scenes)
     boxes = [[v / n for v, n in zip(p.box, 2 * scene.image.size)] for p, scene in objects]
     Y = torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0] for x0, y0, x1, y1 in boxes],
                      dtype=torch.float64)
@@ -197,14 +196,14 @@ def box_probe_r2(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
     return {"n_fit": n_fit, "n_scored": len(X) - n_fit, **dict(zip(("cx", "cy", "w", "h"), r2))}
 
 
-def shape_probe_accuracy(g: Grounder, scenes, train_fraction: float = 0.8) -> dict:
+def shape_probe_accuracy(X: torch.Tensor, objects: list, train_fraction: float = 0.8) -> dict:
     """Accuracy of a linear read-out of each object's shape (circle, square, ...) from its visual concept [CLS]
-    (least squares onto one-hot targets, fitted as `box_probe_r2`), with the majority-class rate beside it.
+    (`object_concepts`; least squares onto one-hot targets, fitted as `box_probe_r2`), with the majority-class rate
+    beside it.
 
     The question behind "the triangle" and "the red square" next to a red circle: colour is linear in the pixels,
     shape is not, and an encoder can learn the first without the second."""
     from .data.synthetic import SHAPES
-    X, objects = object_concepts(g, scenes)
     labels = torch.tensor([SHAPES.index(scene.objects[p.target[0]].shape) for p, scene in objects])
     predicted, n_fit = _linear_probe(X, torch.eye(len(SHAPES), dtype=torch.float64)[labels], train_fraction)
     held_out = labels[n_fit:]
@@ -224,8 +223,9 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
     if probe:
         g.cache.clear()
-        report["box_probe_r2"] = box_probe_r2(g, scenes)
-        report["shape_probe"] = shape_probe_accuracy(g, scenes)
+        concepts = object_concepts(g, scenes)           # one vision pass per scene for both read-outs
+        report["box_probe_r2"] = box_probe_r2(*concepts)
+        report["shape_probe"] = shape_probe_accuracy(*concepts)
     return report
 
 

@@ -76,8 +76,7 @@ def _patch_embedding(cfg: VisionConfig):
     def embedding(img_size, patch_size, in_chans, embed_dim, **_):
         stem = ConvStem(in_chans, depth, channels, kernel_size=3, stride=(2,) * depth, norm_layer="batchnorm2d",
                         act_layer="relu")
-        return HybridEmbed(stem, img_size=img_size, patch_size=1,
-                           in_chans=in_chans, embed_dim=embed_dim, proj=False)
+        return HybridEmbed(stem, img_size=img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim, proj=False)
     return embedding
 
 
