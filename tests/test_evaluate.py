@@ -168,3 +168,16 @@ def test_itm_metric_counts_present_and_absent_labels():
 
     wrong = itm_present_absent(Contrary(), scenes)
     assert wrong["accuracy"] == 0.0 and wrong["ranking"] == 0.0
+
+
+
+def test_image_retrieval_misses_are_split_by_whether_the_colours_differ():
+    from xvlm.evaluate import same_colour_misses
+
+    def scene(*colours):
+        return SimpleNamespace(objects=[SimpleNamespace(color=c) for c in colours])
+
+    scenes = [scene("red", "blue"), scene("blue", "red", "red"), scene("red", "green"), scene("gray")]
+    # scene 0 retrieved scene 1 (same colours), scene 2 retrieved scene 0 (not), scenes 1 and 3 themselves
+    assert same_colour_misses(scenes, [1, 1, 0, 3], [False, True, False, True]) == (2, 1)
+    assert same_colour_misses(scenes, [0, 1, 2, 3], [True] * 4) == (0, 0)

@@ -8,7 +8,7 @@ import torch
 
 from xvlm.checkpoint import load_pretrained, save_pretrained
 from xvlm.config import VisionConfig, XVLMConfig
-from xvlm.models.vision import VisionEncoder
+from xvlm.models.vision import VisionEncoder, concept_cls
 from xvlm.models.xvlm import XVLM
 from xvlm.train import RECIPES
 
@@ -77,3 +77,22 @@ def test_conv_stem_model_round_trips_with_its_batchnorm_statistics(tmp_path):
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.vision_encoder(image), model.vision_encoder(image))
+
+
+def test_concept_pooling_is_the_mean_of_each_concepts_patches_on_its_own_image():
+    """Pooling against its definition, values and gradients, with concepts of uneven count per image."""
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 1 + 16, 8, requires_grad=True)
+    index = torch.tensor([2, 0, 2, 2, 1, 0])                      # uneven groups, out of order
+    mask = (torch.rand(6, 1 + 16) < 0.4).float()
+    mask[:, 1] = 1.0                                                 # at least one patch each
+    pooled = concept_cls(tokens, mask, index)
+    expected = torch.stack([tokens[i, 1:][mask[p, 1:].bool()].mean(0) for p, i in enumerate(index.tolist())])
+    torch.testing.assert_close(pooled, expected)
+    grad_out = torch.randn_like(pooled)
+    (got,) = torch.autograd.grad(pooled, tokens, grad_out)
+    (want,) = torch.autograd.grad(expected, tokens, grad_out)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(concept_cls(tokens, mask[:3]), torch.stack(        # no index: concept p on image p
+        [tokens[p, 1:][mask[p, 1:].bool()].mean(0) for p in range(3)]))
+

@@ -135,7 +135,18 @@ def retrieval_r1(g: Grounder, scenes, granularity: str) -> dict:
     sims = text_feats @ torch.stack(visual_feats).float().T
     top = sims.argmax(dim=1).tolist()
     hits = [texts[j] == texts[i] for i, j in enumerate(top)]
-    return {"n": len(texts), "r@1": float(np.mean(hits))}
+    row = {"n": len(texts), "r@1": float(np.mean(hits))}
+    if granularity == "image":
+        row["misses"], row["misses_same_colours"] = same_colour_misses(scenes, top, hits)
+    return row
+
+
+def same_colour_misses(scenes, top: list[int], hits: list[bool]) -> tuple[int, int]:
+    """Misses, and those whose retrieved scene holds the same set of colours: scenes that only shapes, sizes or
+    counts tell apart (what separates a colour-blind encoder from one that also misses colours)."""
+    colours = [{o.color for o in scene.objects} for scene in scenes]
+    misses = [i for i, hit in enumerate(hits) if not hit]
+    return len(misses), sum(colours[i] == colours[top[i]] for i in misses)
 
 
 def itm_present_absent(g: Grounder, scenes) -> dict:
@@ -256,6 +267,10 @@ def format_report(report: dict) -> str:
     for gran, row in report["retrieval"].items():
         r1 = "-" if row["r@1"] is None else f"{row['r@1']:.3f}"
         lines.append(f"{gran:<16}{row['n']:>6}{r1:>10}")
+    image = report["retrieval"].get("image", {})
+    if image.get("misses"):
+        lines.append(f"image-level misses: {image['misses']}, of which {image['misses_same_colours']} retrieved a scene "
+                     "with the same colours (told apart only by shapes, sizes or counts)")
     itm = report.get("itm")
     if itm and itm["n"]:
         lines += ["", f"ITM, present vs absent object label ({itm['n']} scenes): accuracy {itm['accuracy']:.3f}  "
