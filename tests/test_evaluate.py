@@ -137,6 +137,11 @@ def test_accuracy_by_the_words_that_name_the_target():
     attribute = [r for r in records if r["kind"] == "attribute"]
     assert {r["named_by"] for r in attribute} >= {"colour", "shape"}   # "the red shape", "the triangle"
     assert "target named by" in format_report({**evaluate_stub(), "named_by": table})
+    by_shape = grounding_accuracy(records, by="shape_without_colour")
+    assert set(by_shape) <= {"circle", "square", "triangle", "rectangle"} and by_shape
+    assert sum(row["n"] for row in by_shape.values()) == sum(
+        r["named_by"] in ("shape", "size + shape") for r in records)
+    assert "named by shape, no colour" in format_report({**evaluate_stub(), "shape_without_colour": by_shape})
 
 
 def evaluate_stub() -> dict:

@@ -63,6 +63,7 @@ def ground_expressions(g: Grounder, scenes) -> list[dict]:
                 "pointing": (None if r.patch_heatmap is None
                              else heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size)),
                 "target_size": target_w / min(scene.image.size), "named_by": named_by(p),
+                "shape_without_colour": shape_without_colour(p),
                 "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})
     return records
 
@@ -78,6 +79,14 @@ def named_by(phrase) -> str | None:
     return " + ".join(words) or "noun only"
 
 
+def shape_without_colour(phrase) -> str | None:
+    """The target's shape for expressions that name it by shape but not colour ("the large square"): there only the
+    shape can pick the object, so accuracy per shape says which shapes the encoder confuses."""
+    if phrase.spec is None or not phrase.spec.target.shape or phrase.spec.target.color:
+        return None
+    return phrase.spec.target.shape
+
+
 def _accuracy_row(records: list[dict]) -> dict:
     points = [r["pointing"] for r in records if r["pointing"] is not None]
     return {"n": len(records), "acc@0.5": float(np.mean([r["iou"] >= 0.5 for r in records])),
@@ -87,7 +96,8 @@ def _accuracy_row(records: list[dict]) -> dict:
 
 
 def grounding_accuracy(records: list[dict], by: str = "kind") -> dict:
-    """Acc@0.5, mean IoU, centre-in and pointing per value of `by` (expression kind, or `named_by`) and over all."""
+    """Acc@0.5, mean IoU, centre-in and pointing per value of `by` (a record field: `kind`, `named_by`, ...), and over
+    all for `kind`."""
     groups = sorted({r[by] for r in records if r[by] is not None})
     table = {g: _accuracy_row([r for r in records if r[by] == g]) for g in groups}
     if by == "kind":
@@ -228,7 +238,9 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     scenes = eval_scenes(n_scenes, seed)
     records = ground_expressions(g, scenes)
     report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(records),
-              "named_by": grounding_accuracy(records, by="named_by"), "box_size": box_size_by_target_size(records)}
+              "named_by": grounding_accuracy(records, by="named_by"),
+              "shape_without_colour": grounding_accuracy(records, by="shape_without_colour"),
+              "box_size": box_size_by_target_size(records)}
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
     report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
@@ -255,6 +267,11 @@ def format_report(report: dict) -> str:
                       "itself, whatever the kind)"]
         for words, row in report["named_by"].items():
             lines.append(f"{words:<24}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}")
+    if report.get("shape_without_colour"):
+        lines += ["", f"{'named by shape, no colour':<26}{'n':>4}{'Acc@0.5':>10}{'centre in':>11}   (which shapes "
+                      "the encoder tells apart)"]
+        for shape, row in report["shape_without_colour"].items():
+            lines.append(f"{shape:<26}{row['n']:>4}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}")
     if report.get("box_size"):
         lines += ["", f"{'target width':<16}{'n':>6}{'Acc@0.5':>10}{'box/target width':>18}   "
                       "(bins of target width / image short side; width ratio: median over boxes on the right object)"]
