@@ -175,7 +175,6 @@ def test_itm_metric_counts_present_and_absent_labels():
     assert wrong["accuracy"] == 0.0 and wrong["ranking"] == 0.0
 
 
-
 def test_image_retrieval_misses_are_split_by_whether_the_colours_differ():
     from xvlm.evaluate import same_colour_misses
 

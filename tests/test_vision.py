@@ -95,4 +95,3 @@ def test_concept_pooling_is_the_mean_of_each_concepts_patches_on_its_own_image()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(concept_cls(tokens, mask[:3]), torch.stack(        # no index: concept p on image p
         [tokens[p, 1:][mask[p, 1:].bool()].mean(0) for p in range(3)]))
-

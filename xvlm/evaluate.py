@@ -153,7 +153,7 @@ def retrieval_r1(g: Grounder, scenes, granularity: str) -> dict:
 
 def same_colour_misses(scenes, top: list[int], hits: list[bool]) -> tuple[int, int]:
     """Misses, and those whose retrieved scene holds the same set of colours: scenes that only shapes, sizes or
-    counts tell apart (what separates a colour-blind encoder from one that also misses colours)."""
+    counts tell apart. Most misses of that kind say that retrieval fails on shape, not on colour."""
     colours = [{o.color for o in scene.objects} for scene in scenes]
     misses = [i for i, hit in enumerate(hits) if not hit]
     return len(misses), sum(colours[i] == colours[top[i]] for i in misses)
