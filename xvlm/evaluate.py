@@ -262,16 +262,13 @@ def format_report(report: dict) -> str:
     lines += ["", "Acc@0.5: the bbox head's box has IoU >= 0.5 with the target. centre in: the box's centre lies in the "
               "target (the right object, whatever the size). pointing: the patch-ITC heatmap's hottest cell lies in "
               "the target box (what the heatmap alone localises)."]
-    if report.get("named_by"):
-        lines += ["", f"{'target named by':<24}{'n':>6}{'Acc@0.5':>10}{'centre in':>11}   (the words for the target "
-                      "itself, whatever the kind)"]
-        for words, row in report["named_by"].items():
-            lines.append(f"{words:<24}{row['n']:>6}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}")
-    if report.get("shape_without_colour"):
-        lines += ["", f"{'named by shape, no colour':<26}{'n':>4}{'Acc@0.5':>10}{'centre in':>11}   (which shapes "
-                      "the encoder tells apart)"]
-        for shape, row in report["shape_without_colour"].items():
-            lines.append(f"{shape:<26}{row['n']:>4}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}")
+    split_tables = (("named_by", "target named by", "the words for the target itself, whatever the kind"),
+                    ("shape_without_colour", "named by shape, no colour", "which shapes the encoder tells apart"))
+    for key, heading, why in split_tables:
+        if report.get(key):
+            lines += ["", f"{heading:<26}{'n':>4}{'Acc@0.5':>10}{'centre in':>11}   ({why})"]
+            lines += [f"{group:<26}{row['n']:>4}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}"
+                      for group, row in report[key].items()]
     if report.get("box_size"):
         lines += ["", f"{'target width':<16}{'n':>6}{'Acc@0.5':>10}{'box/target width':>18}   "
                       "(bins of target width / image short side; width ratio: median over boxes on the right object)"]
