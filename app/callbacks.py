@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from xvlm.grounder import NO_BOX, NO_ITC, NO_ITM, Grounder, GroundingResult
 from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, load_image, pre_caption
-from xvlm.render import color_for, draw_boxes, overlay_heatmap
+from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
 
 MAX_PHRASES = 16
 MAX_TEXT_CHARS = 20_000
@@ -271,7 +271,8 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
                 cam = gradcams[i]
                 peak = float(cam.max())
                 img = overlay_heatmap(disp, cam, alpha, vmin=0.0, vmax=peak if peak > 0 else 1.0,
-                                      box_xyxy=r.box_xyxy, color=color_for(i), box_image_size=r.image_size)
+                                      box_xyxy=r.box_xyxy, color=color_for(i), box_image_size=r.image_size,
+                                      grid_xyxy=r.canvas_xyxy)
                 view.gradcam_gallery.append((img, f"{i + 1}. {_short(r.phrase, 60)} · ITM {_num(r.itm)}"))
         view.gradcam_note = (f"ITM Grad-CAM at text layer {layer}: where the match score's gradient flows through "
                              "cross-attention; each map is scaled to its own maximum (red = most).")
@@ -386,20 +387,18 @@ def write_json(payload: dict, out_dir: str | Path | None = None) -> Path:
 
 # --- rendering helpers -------------------------------------------------------------------------------------------
 def _itc_gallery(disp, results, granularity, alpha, caps):
-    maps = [r.patch_heatmap for r in results if r.patch_heatmap is not None]
-    lo = float(min(np.min(m) for m in maps))
-    hi = float(max(np.max(m) for m in maps))
-    if hi <= lo:
-        lo, hi = lo - 1e-3, hi + 1e-3
+    lo, hi = itc_color_range(results)
     items = []
     for i, r in enumerate(results):
         name = f"{i + 1}. {_short(r.phrase, 60)}"
-        kw = dict(vmin=lo, vmax=hi, box_xyxy=r.box_xyxy, color=color_for(i), box_image_size=r.image_size)
+        kw = dict(vmin=lo, vmax=hi, box_xyxy=r.box_xyxy, color=color_for(i), box_image_size=r.image_size,
+                  grid_xyxy=r.canvas_xyxy)
         if granularity == "region" and r.region_mask is not None:
             img = overlay_heatmap(disp, r.patch_heatmap, alpha, mask=r.region_mask, **kw)
             items.append((img, f"{name} · ITC(region) {_num(r.itc_region)}"))
         elif granularity == "objects" and caps["box"]:
-            img = overlay_heatmap(disp, r.patch_heatmap, alpha, vmin=lo, vmax=hi)
+            img = overlay_heatmap(disp, r.patch_heatmap, alpha, vmin=lo, vmax=hi, box_image_size=r.image_size,
+                                  grid_xyxy=r.canvas_xyxy)
             img = draw_boxes(img, _with_scores(results, r), show_scores=True)
             row = ", ".join(f"{j + 1}: {_num(v)}" for j, v in enumerate(r.itc_objects or []))
             items.append((img, f"{name} · ITC with boxes {row}"))

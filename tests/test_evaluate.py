@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from xvlm import bench
+from xvlm.grounder import GroundingResult
 from xvlm.evaluate import (box_size_by_target_size, eval_scenes, evaluate, format_report, ground_expressions,
                            grounding_accuracy, heatmap_points_into_box)
 
@@ -12,9 +13,19 @@ from xvlm.evaluate import (box_size_by_target_size, eval_scenes, evaluate, forma
 def test_pointing_is_true_only_when_the_hottest_cell_is_in_the_box():
     heat = np.zeros((12, 12))
     heat[3, 9] = 1.0                                   # cell centre at x = 9.5 * 20 = 190, y = 3.5 * 10 = 35
-    assert heatmap_points_into_box(heat, (180, 30, 200, 40), (240, 120))
-    assert heatmap_points_into_box(heat, (195, 30, 220, 40), (240, 120))       # within half a cell of the edge
-    assert not heatmap_points_into_box(heat, (0, 0, 100, 100), (240, 120))
+    r = GroundingResult("p", "p", (240, 120), patch_heatmap=heat)
+    assert heatmap_points_into_box(r, (180, 30, 200, 40))
+    assert heatmap_points_into_box(r, (195, 30, 220, 40))       # within half a cell of the edge
+    assert not heatmap_points_into_box(r, (0, 0, 100, 100))
+
+
+def test_pointing_on_a_letterboxed_grid_ignores_the_padding():
+    heat = np.zeros((12, 12))
+    heat[0, 0] = 5.0                                   # padding above the image
+    heat[4, 9] = 1.0                                   # canvas (0, -60, 240, 180): centre x 190, y 4.5 * 20 - 60 = 30
+    r = GroundingResult("p", "p", (240, 120), canvas_xyxy=(0.0, -60.0, 240.0, 180.0), patch_heatmap=heat)
+    assert heatmap_points_into_box(r, (180, 25, 200, 35))
+    assert not heatmap_points_into_box(r, (0, 0, 20, 20))
 
 
 class _Oracle:
@@ -33,7 +44,8 @@ class _Oracle:
             heat[min(int((y0 + y1) / 2 / H * 12), 11), min(int((x0 + x1) / 2 / W * 12), 11)] = 1
             cx, cy = (x0 + x1) / 2 + self.shift * W, (y0 + y1) / 2
             hw, hh = (x1 - x0) / 2 * self.scale, (y1 - y0) / 2 * self.scale
-            out.append(SimpleNamespace(box_xyxy=[cx - hw, cy - hh, cx + hw, cy + hh], patch_heatmap=heat))
+            out.append(GroundingResult(text, text, (W, H), box_xyxy=[cx - hw, cy - hh, cx + hw, cy + hh],
+                                       patch_heatmap=heat))
         return out
 
 

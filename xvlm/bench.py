@@ -341,7 +341,7 @@ def _render(pil, result) -> np.ndarray:
 
     if result.patch_heatmap is not None:
         return overlay_heatmap(pil, result.patch_heatmap, mask=result.region_mask, box_xyxy=result.box_xyxy,
-                               box_image_size=result.image_size)
+                               box_image_size=result.image_size, grid_xyxy=result.canvas_xyxy)
     return draw_boxes(pil, [result])
 
 

@@ -38,6 +38,14 @@ class VisionConfig:
     # learned colour but hardly any shape through a linear patchify: `python -m xvlm eval --probe` reads an object's
     # shape from its concept 37% of the time (majority class 29%); with the conv stem 63% (weights/README.md).
     stem: str = "patch"
+    # How an image becomes image_res x image_res: 'squash' (official: bicubic resize, aspect ratio lost) or
+    # 'letterbox' (fit and pad with the mean colour, `preprocess.Canvas`). Squashing a 2:1 image halves its
+    # horizontal extents, so for our shapes model a square and a rectangle could look the same (weights/README.md).
+    resize: str = "squash"
+
+    def __post_init__(self):
+        if self.resize not in ("squash", "letterbox"):
+            raise ValueError(f"vision.resize must be 'squash' or 'letterbox', got {self.resize!r}")
 
     @property
     def grid_size(self) -> int:

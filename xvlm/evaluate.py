@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .box_ops import paired_iou
-from .grounder import Grounder
+from .grounder import Grounder, GroundingResult
 
 EVAL_SEED = 10_000_019   # training draws scenes from np.random.default_rng([seed, rank, step, i]) with small seeds
 
@@ -29,15 +29,18 @@ def eval_scenes(n: int, seed: int = EVAL_SEED, style: str = "eval"):
     return [generate_scene(np.random.default_rng([seed, i]), style=style) for i in range(n)]
 
 
-def heatmap_points_into_box(heatmap: np.ndarray, box_xyxy, image_size) -> bool:
-    """Whether the patch-ITC heatmap's hottest cell lies in the box (grown by half a cell: boxes are not on the grid).
-    What the heatmap alone localises, next to what the bbox head does."""
-    grid_h, grid_w = heatmap.shape
-    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    W, H = image_size
-    cx, cy = (col + 0.5) * W / grid_w, (row + 0.5) * H / grid_h
+def heatmap_points_into_box(result: GroundingResult, box_xyxy) -> bool:
+    """Whether the patch-ITC heatmap's hottest cell over the image lies in the box (grown by half a cell: boxes are
+    not on the grid). What the heatmap alone localises, next to what the bbox head does."""
+    heat = np.where(result.cells_on_image(), result.patch_heatmap, -np.inf)
+    grid_h, grid_w = heat.shape
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    W, H = result.image_size
+    x0c, y0c, x1c, y1c = result.canvas_xyxy or (0.0, 0.0, W, H)
+    cell_w, cell_h = (x1c - x0c) / grid_w, (y1c - y0c) / grid_h
+    cx, cy = x0c + (col + 0.5) * cell_w, y0c + (row + 0.5) * cell_h
     x0, y0, x1, y1 = box_xyxy
-    return x0 - W / grid_w / 2 <= cx <= x1 + W / grid_w / 2 and y0 - H / grid_h / 2 <= cy <= y1 + H / grid_h / 2
+    return x0 - cell_w / 2 <= cx <= x1 + cell_w / 2 and y0 - cell_h / 2 <= cy <= y1 + cell_h / 2
 
 
 def box_centre_in(box_xyxy, target_xyxy) -> bool:
@@ -61,7 +64,7 @@ def ground_expressions(g: Grounder, scenes) -> list[dict]:
             records.append({
                 "kind": p.kind, "iou": iou, "centre_in": box_centre_in(r.box_xyxy, p.box),
                 "pointing": (None if r.patch_heatmap is None
-                             else heatmap_points_into_box(r.patch_heatmap, p.box, scene.image.size)),
+                             else heatmap_points_into_box(r, p.box)),
                 "target_size": target_w / min(scene.image.size), "named_by": named_by(p),
                 "shape_without_colour": shape_without_colour(p),
                 "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})

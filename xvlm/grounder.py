@@ -1,7 +1,8 @@
 """The public API: `Grounder` grounds phrases in an image and returns the multi-grained X-VLM signals.
 
 Data path of `ground` (one image encoding, one batched text + fusion pass for all phrases):
-    image -> load_image -> image_to_tensor -> vision encoder (LRU-cached by pixel hash) -> tokens [1, 1+N, C]
+    image -> load_image -> image_to_tensor (squash or letterbox: `Canvas`) -> vision encoder (LRU-cached by pixel
+          hash) -> tokens [1, 1+N, C]
     phrases -> Tokenizer -> text encoder -> fusion over the whole image -> bbox head (box), itm head (ITM)
     projected patch features x projected text [CLS] -> image / region / object ITC and the patch heatmap
 """
@@ -22,7 +23,7 @@ from . import box_ops
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
-from .preprocess import InputError, Tokenizer, check_phrase, image_to_tensor, load_image
+from .preprocess import Canvas, InputError, Tokenizer, check_phrase, image_to_tensor, load_image
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
 MAX_PHRASES = 32
@@ -37,6 +38,9 @@ class GroundingResult:
     phrase: str
     caption: str                                   # the text the model saw, after pre_caption
     image_size: tuple[int, int]                    # (W, H) of the original image
+    # The model's square input in pixels of the original image: what the patch grids below cover. The image itself
+    # unless the model letterboxes (`VisionConfig.resize`); None: the whole image.
+    canvas_xyxy: tuple[float, float, float, float] | None = None
     box_xyxy: list[float] | None = None            # pixels of the original image
     box_cxcywh: list[float] | None = None          # normalised, exactly the bbox head output
     itc_image: float | None = None                 # cosine(image [CLS] feature, text [CLS] feature)
@@ -47,12 +51,20 @@ class GroundingResult:
     region_mask: np.ndarray | None = None          # (G, G) bool: patches of the predicted box (its concept)
     notes: dict[str, str] = field(default_factory=dict)   # why a field is None, truncation, ...
 
+    def cells_on_image(self) -> np.ndarray | None:
+        """(G, G) bool: the heatmap cells over the image, not over letterbox padding."""
+        if self.patch_heatmap is None:
+            return None
+        canvas = Canvas(*(self.canvas_xyxy or (0.0, 0.0, *map(float, self.image_size))))
+        return canvas.cells_on_image(self.patch_heatmap.shape[0], self.image_size)
+
     def to_dict(self) -> dict:
         def arr(a):
             return None if a is None else np.asarray(a).tolist()
         return {"phrase": self.phrase, "caption": self.caption, "image_size": list(self.image_size),
-                "box_xyxy": self.box_xyxy, "box_cxcywh": self.box_cxcywh, "itc_image": self.itc_image,
-                "itc_region": self.itc_region, "itc_objects": self.itc_objects, "itm": self.itm,
+                "canvas_xyxy": arr(self.canvas_xyxy), "box_xyxy": self.box_xyxy, "box_cxcywh": self.box_cxcywh,
+                "itc_image": self.itc_image, "itc_region": self.itc_region, "itc_objects": self.itc_objects,
+                "itm": self.itm,
                 "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes}
 
 
@@ -198,6 +210,11 @@ class Grounder:
     def grid_size(self) -> int:
         return self.model.cfg.vision.grid_size
 
+    def canvas(self, image_size: tuple[int, int]) -> Canvas:
+        """Where an image of this size sits in the model's square input (both models share the vision config)."""
+        v = self.model.cfg.vision
+        return Canvas.of(image_size, v.image_res, v.resize)
+
     # --- image side ---------------------------------------------------------------------------------------------
     def encode_image(self, image, model: XVLM | None = None) -> ImageEncoding:
         """Vision tokens of `image` for `model` (default: the box model), from the cache when the pixels were seen."""
@@ -214,7 +231,7 @@ class Grounder:
             if hit is not None:
                 self.stats["cache_hits"] += 1
                 return hit
-            pixels = image_to_tensor(px.image, res).unsqueeze(0).to(self.device)
+            pixels = image_to_tensor(px.image, res, model.cfg.vision.resize).unsqueeze(0).to(self.device)
             with self._inference():
                 tokens = model.encode_image(pixels).float()
             self.stats["vision_passes"] += 1
@@ -236,8 +253,8 @@ class Grounder:
         phrase_list = _check_phrases([phrases] if single else phrases)
         px = _Pixels.of(image)                       # decoded and hashed once per call
         text = self.tokenizer(phrase_list)
-        W, H = px.image.size
-        results = [GroundingResult(p, c, (W, H)) for p, c in zip(phrase_list, text.captions)]
+        size, canvas = px.image.size, self.canvas(px.image.size).xyxy
+        results = [GroundingResult(p, c, size, canvas) for p, c in zip(phrase_list, text.captions)]
         for r, cut in zip(results, text.truncated):
             if cut:
                 r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
@@ -260,9 +277,8 @@ class Grounder:
         m = self.model
         fused = run.fused_cls(m)
         coords = m.predict_bbox(fused).float()
-        W, H = run.px.image.size
-        scale = torch.tensor([W, H, W, H], dtype=torch.float64)
-        for r, c, xyxy in zip(results, coords.cpu(), box_ops.cxcywh_to_xyxy(coords.double().cpu()) * scale):
+        pixels = self.canvas(run.px.image.size).to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
+        for r, c, xyxy in zip(results, coords.cpu(), pixels):
             r.box_cxcywh = [float(v) for v in c]
             r.box_xyxy = [float(v) for v in xyxy]
         return coords, fused
@@ -311,12 +327,12 @@ class Grounder:
         return concept_cls(tokens, masks.to(tokens.dtype)), masks
 
     def _normalised_boxes(self, px: "_Pixels", boxes) -> torch.Tensor:
-        """Pixel xyxy boxes -> [B, 4] in [0, 1], rejecting empty or inverted ones."""
-        W, H = px.image.size
-        b = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+        """Pixel xyxy boxes -> [B, 4] canvas coordinates in [0, 1], rejecting empty or inverted ones."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(b) == 0:
             raise InputError("no boxes given")
-        norm = (b / torch.tensor([W, H, W, H], dtype=torch.float64)).clamp(0, 1)
+        W, H = px.image.size
+        norm = torch.as_tensor(self.canvas((W, H)).normalise(np.clip(b, 0, [W, H, W, H])))
         if (norm[:, 2] <= norm[:, 0]).any() or (norm[:, 3] <= norm[:, 1]).any():
             raise InputError("boxes must be x0 < x1, y0 < y1 inside the image")
         return norm.float().to(self.device)
@@ -350,7 +366,8 @@ class Grounder:
     def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
         """The official weakly-supervised grounding map (Grounding.py): Grad-CAM of the ITM positive logit w.r.t. a
         fusion layer's cross-attention, positive gradients times attention, averaged over heads and text tokens.
-        `layer` indexes the BERT layers (fusion layers are >= fusion_layer); default: the middle fusion layer."""
+        `layer` indexes the BERT layers (fusion layers are >= fusion_layer); default: the middle fusion layer.
+        Like `patch_heatmap`, the (G, G) map covers the model's input (`canvas(image_size)`), padding included."""
         m = self._itm_model
         if m is None:
             raise RuntimeError(NO_ITM)

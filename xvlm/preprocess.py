@@ -1,6 +1,7 @@
 """Inputs to tensors, exactly as the official grounding evaluation prepares them.
 
 Image: decode safely -> RGB -> bicubic resize to image_res x image_res -> /255 -> normalise (CLIP statistics).
+  That resize squashes the aspect ratio (official); a model may instead letterbox (`VisionConfig.resize`, `Canvas`).
 Text: `pre_caption` cleaning -> BERT WordPiece -> `[CLS] tokens` with NO trailing [SEP] (X-VLM's tokenizer).
 """
 from __future__ import annotations
@@ -143,9 +144,83 @@ def to_rgb(im: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise InputError(f"unsupported image mode {im.mode}: save the image as an RGB PNG or JPEG") from e
 
 
-def image_to_tensor(im: Image.Image, image_res: int) -> torch.Tensor:
-    """RGB PIL -> [3, R, R] float tensor; PIL bicubic matches torchvision's Resize(BICUBIC) on PIL images exactly."""
-    arr = np.asarray(im.resize((image_res, image_res), Image.BICUBIC), dtype=np.float32) / 255.0
+RESIZE_MODES = ("squash", "letterbox")
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The square the model sees, as a rectangle in pixels of the original image: box coordinates in [0, 1] and the
+    patch grid are relative to it. 'squash' (the official preprocessing) stretches the image onto the square, so the
+    canvas is the image; 'letterbox' scales it to fit and centres it on the square, so shapes keep their aspect ratio
+    (a square stays square) and the canvas reaches past the image where the padding is."""
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @classmethod
+    def of(cls, size: tuple[int, int], image_res: int, resize: str = "squash") -> "Canvas":
+        W, H = size
+        if resize == "squash":
+            return cls(0.0, 0.0, float(W), float(H))
+        if resize != "letterbox":
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
+        (w, h), (left, top) = _letterbox_layout(size, image_res)
+        sx, sy = W / w, H / h                    # original pixels per model pixel (equal up to rounding)
+        return cls(-left * sx, -top * sy, (image_res - left) * sx, (image_res - top) * sy)
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+    def normalise(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """[..., 4] pixel xyxy -> canvas coordinates in [0, 1] (outside where a box leaves the canvas)."""
+        origin = np.array([self.x0, self.y0, self.x0, self.y0])
+        span = np.array([self.x1 - self.x0, self.y1 - self.y0] * 2)
+        return (np.asarray(boxes_xyxy, dtype=np.float64) - origin) / span
+
+    def to_pixels(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """[..., 4] canvas xyxy in [0, 1] -> pixels of the original image."""
+        origin = np.array([self.x0, self.y0, self.x0, self.y0])
+        span = np.array([self.x1 - self.x0, self.y1 - self.y0] * 2)
+        return np.asarray(boxes_xyxy, dtype=np.float64) * span + origin
+
+
+    def cells_on_image(self, grid_size: int, image_size: tuple[int, int]) -> np.ndarray:
+        """(G, G) bool: the patch cells that show some of the image (more than half a pixel); all of them unless
+        letterboxed. Heatmap colour scales and argmaxes read these, not the padding."""
+        edges = np.arange(grid_size + 1) / grid_size
+        xs, ys = self.x0 + (self.x1 - self.x0) * edges, self.y0 + (self.y1 - self.y0) * edges
+        cols = (np.minimum(xs[1:], image_size[0]) - np.maximum(xs[:-1], 0)) > 0.5
+        rows = (np.minimum(ys[1:], image_size[1]) - np.maximum(ys[:-1], 0)) > 0.5
+        return rows[:, None] & cols[None, :]
+
+
+def _letterbox_layout(size: tuple[int, int], image_res: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(w, h) of the image scaled to fit image_res x image_res, and its (left, top) offset on that square."""
+    W, H = size
+    scale = image_res / max(W, H)
+    w, h = max(1, round(W * scale)), max(1, round(H * scale))
+    return (w, h), ((image_res - w) // 2, (image_res - h) // 2)
+
+
+# Letterbox padding: the normalisation mean, i.e. zeros at the model's input.
+PAD_COLOR = tuple(round(255 * m) for m in IMAGE_MEAN)
+
+
+def image_to_tensor(im: Image.Image, image_res: int, resize: str = "squash") -> torch.Tensor:
+    """RGB PIL -> [3, R, R] float tensor; PIL bicubic matches torchvision's Resize(BICUBIC) on PIL images exactly.
+    Letterboxing resizes before padding, so a 40 MP panorama never becomes a larger square in memory."""
+    if resize == "squash":
+        im = im.resize((image_res, image_res), Image.BICUBIC)
+    elif resize == "letterbox":
+        (w, h), offset = _letterbox_layout(im.size, image_res)
+        square = Image.new("RGB", (image_res, image_res), PAD_COLOR)
+        square.paste(im.resize((w, h), Image.BICUBIC), offset)
+        im = square
+    else:
+        raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
+    arr = np.asarray(im, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 

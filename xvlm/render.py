@@ -2,7 +2,7 @@
 
 Everything returns plain HxWx3 uint8 RGB arrays or an Agg-backed matplotlib Figure (no display needed):
     draw_boxes(image, results)            boxes + "phrase  ITM 0.93 · ITC 0.41" labels, one color per phrase
-    overlay_heatmap(image, grid, ...)     a (G, G) patch grid stretched over the image, colormapped and blended;
+    overlay_heatmap(image, grid, ...)     a (G, G) patch grid laid over the image (its canvas), colormapped, blended;
                                           cells outside `mask` are greyed out (region granularity)
     heatmap_figure(image, results, ...)   one row per phrase: box | ITC image | ITC region (| ITM Grad-CAM)
 """
@@ -196,11 +196,13 @@ def draw_boxes(image, results: Sequence["GroundingResult"], show_scores: bool = 
 def overlay_heatmap(image, heatmap: np.ndarray, alpha: float = 0.5, mask: np.ndarray | None = None,
                     vmin: float | None = None, vmax: float | None = None, box_xyxy=None, color=None,
                     cmap: str = HEATMAP_CMAP, interpolation: str = "nearest",
-                    box_image_size: tuple[int, int] | None = None) -> np.ndarray:
+                    box_image_size: tuple[int, int] | None = None, grid_xyxy=None) -> np.ndarray:
     """Blend a (G, G) patch grid over the image.
 
-    The grid covers the whole (square) model input, so each cell is stretched to W/G x H/G pixels of the original
-    image. `interpolation` 'nearest' (default) shows the patches as they are; 'cubic' smooths them. Values are mapped
+    The grid covers the model's square input: `grid_xyxy` (a result's `canvas_xyxy`), in pixels of an image of
+    `box_image_size` like `box_xyxy`; default the whole image (the official squashing resize, each cell W/G x H/G
+    pixels). A letterboxed input reaches past the image, and only the cells over the image are drawn.
+    `interpolation` 'nearest' (default) shows the patches as they are; 'cubic' smooths them. Values are mapped
     to [vmin, vmax] (default: the grid's min/max) through `cmap`. Cells outside `mask` (bool GxG) show the image in
     dimmed grey instead. `box_xyxy` (pixels of an image of `box_image_size`, default this image) is outlined in
     `color` (default white).
@@ -215,8 +217,7 @@ def overlay_heatmap(image, heatmap: np.ndarray, alpha: float = 0.5, mask: np.nda
     hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     norm = (grid - lo) / (hi - lo) if hi > lo else np.full_like(grid, 0.5)
     norm = np.nan_to_num(np.clip(norm, 0.0, 1.0), nan=0.0)
-    interp = {"nearest": cv2.INTER_NEAREST, "cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}[interpolation]
-    up = np.clip(cv2.resize(norm.astype(np.float32), (W, H), interpolation=interp), 0.0, 1.0)
+    up = np.clip(_grid_on_pixels(norm, (H, W), grid_xyxy, box_image_size, interpolation), 0.0, 1.0)
     import matplotlib
 
     colored = (matplotlib.colormaps[cmap](up)[..., :3] * 255.0).astype(np.float32)
@@ -225,7 +226,7 @@ def overlay_heatmap(image, heatmap: np.ndarray, alpha: float = 0.5, mask: np.nda
         m = np.asarray(mask, dtype=bool)
         if m.shape != grid.shape:
             raise ValueError(f"mask shape {m.shape} differs from the heatmap's {grid.shape}")
-        inside = cv2.resize(m.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
+        inside = _grid_on_pixels(m, (H, W), grid_xyxy, box_image_size, "nearest")
         grey = out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         dimmed = np.repeat((0.35 * grey + 60.0)[..., None], 3, axis=2)
         blended = np.where(inside[..., None], blended, dimmed)
@@ -235,6 +236,36 @@ def overlay_heatmap(image, heatmap: np.ndarray, alpha: float = 0.5, mask: np.nda
         c = tuple(int(v) for v in (color if color is not None else (255, 255, 255)))
         cv2.rectangle(result, box[:2], box[2:], c, _thickness(H, W), cv2.LINE_8)
     return result
+
+
+_SMOOTH_SUBCELLS = 16     # 'cubic' / 'linear': each cell interpolated to 16 x 16 values before sampling
+
+
+def _grid_on_pixels(grid: np.ndarray, out_hw: tuple[int, int], grid_xyxy, src_size, interpolation: str) -> np.ndarray:
+    """The grid's value at the centre of every pixel of an H x W image, the grid spanning `grid_xyxy` (pixels of an
+    image of `src_size`; default: the whole image)."""
+    H, W = out_hw
+    if interpolation != "nearest":
+        flags = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}[interpolation]
+        gh, gw = grid.shape
+        grid = cv2.resize(grid.astype(np.float32), (gw * _SMOOTH_SUBCELLS, gh * _SMOOTH_SUBCELLS), interpolation=flags)
+    sw, sh = src_size if src_size else (W, H)
+    x0, y0, x1, y1 = (float(v) for v in (grid_xyxy if grid_xyxy is not None else (0, 0, sw, sh)))
+    cols = ((np.arange(W) + 0.5) * sw / W - x0) / (x1 - x0) * grid.shape[1]
+    rows = ((np.arange(H) + 0.5) * sh / H - y0) / (y1 - y0) * grid.shape[0]
+    cols = np.clip(np.floor(cols).astype(np.int64), 0, grid.shape[1] - 1)
+    rows = np.clip(np.floor(rows).astype(np.int64), 0, grid.shape[0] - 1)
+    return grid[rows[:, None], cols[None, :]]
+
+
+def itc_color_range(results: Sequence["GroundingResult"]) -> tuple[float, float]:
+    """One colour scale for the results' patch-ITC heatmaps: min and max over the cells that show the image (not
+    letterbox padding), so that phrases can be compared."""
+    cells = [r.patch_heatmap[r.cells_on_image()] for r in results if r.patch_heatmap is not None]
+    cells = [c for c in cells if c.size]
+    lo = float(min(np.min(c) for c in cells)) if cells else -1.0
+    hi = float(max(np.max(c) for c in cells)) if cells else 1.0
+    return (lo - 1e-3, hi + 1e-3) if hi <= lo else (lo, hi)
 
 
 def _thumbnail(image, max_side: int = FIGURE_MAX_SIDE) -> np.ndarray:
@@ -292,11 +323,7 @@ def heatmap_figure(image, results: Sequence["GroundingResult"],
             ax.set_visible(False)
         return fig
 
-    maps = [r.patch_heatmap for r in results if r.patch_heatmap is not None]
-    lo = float(min(np.min(m) for m in maps)) if maps else -1.0
-    hi = float(max(np.max(m) for m in maps)) if maps else 1.0
-    if hi <= lo:
-        lo, hi = lo - 1e-3, hi + 1e-3
+    lo, hi = itc_color_range(results)
     itc_axes, cam_axes = [], []
     for i, r in enumerate(results):
         color = color_for(i)
@@ -313,7 +340,7 @@ def heatmap_figure(image, results: Sequence["GroundingResult"],
         # [1] patch ITC, image granularity; [2] region granularity
         if r.patch_heatmap is not None:
             row[1].imshow(overlay_heatmap(img, r.patch_heatmap, alpha, vmin=lo, vmax=hi, box_xyxy=r.box_xyxy,
-                                          color=color, cmap=cmap, box_image_size=r.image_size))
+                                          color=color, cmap=cmap, box_image_size=r.image_size, grid_xyxy=r.canvas_xyxy))
             row[1].set_title(f"patch ITC (image)\nITC(image) = {r.itc_image:.3f}", fontsize=9)
             itc_axes.append(row[1])
         else:
@@ -322,7 +349,7 @@ def heatmap_figure(image, results: Sequence["GroundingResult"],
         if r.patch_heatmap is not None and r.region_mask is not None:
             row[2].imshow(overlay_heatmap(img, r.patch_heatmap, alpha, mask=r.region_mask, vmin=lo, vmax=hi,
                                           box_xyxy=r.box_xyxy, color=color, cmap=cmap,
-                                          box_image_size=r.image_size))
+                                          box_image_size=r.image_size, grid_xyxy=r.canvas_xyxy))
             region = f"{r.itc_region:.3f}" if r.itc_region is not None else "n/a"
             row[2].set_title(f"box patches (region)\nITC(region) = {region}", fontsize=9)
             itc_axes.append(row[2])
@@ -336,7 +363,7 @@ def heatmap_figure(image, results: Sequence["GroundingResult"],
                 peak = float(np.max(cam))
                 row[3].imshow(overlay_heatmap(img, cam, alpha, vmin=0.0, vmax=peak if peak > 0 else 1.0,
                                               box_xyxy=r.box_xyxy, color=color, cmap=cmap,
-                                              box_image_size=r.image_size))
+                                              box_image_size=r.image_size, grid_xyxy=r.canvas_xyxy))
                 cam_axes.append(row[3])
             else:
                 _reason_panel(row[3], img, "no Grad-CAM: " + _reason(r, "gradcam", "itm"))
@@ -362,4 +389,5 @@ def save_figure(fig: "Figure", path: str | Path, dpi: int | None = None) -> Path
     return path
 
 
-__all__ = ["PALETTE", "color_for", "draw_boxes", "overlay_heatmap", "heatmap_figure", "save_figure", "score_text"]
+__all__ = ["PALETTE", "color_for", "draw_boxes", "overlay_heatmap", "heatmap_figure", "itc_color_range", "save_figure",
+           "score_text"]

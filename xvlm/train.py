@@ -34,7 +34,7 @@ from .config import TextConfig, VisionConfig, XVLMConfig
 from .data.synthetic import Desc
 from .models import XVLM, ImageContext, box_patch_mask
 from .models.bert import additive_mask
-from .preprocess import Tokenizer, image_to_tensor, write_wordpiece_vocab
+from .preprocess import Canvas, Tokenizer, image_to_tensor, write_wordpiece_vocab
 
 
 # --- recipes (configuration as data) ----------------------------------------------------------------------------
@@ -201,18 +201,17 @@ def _meaning(phrase, objects):
 
 def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: random.Random) -> dict:
     """Samples -> one batch of pairs. Pair j: visual = image group[j] masked by patch_mask[j]; text = ids[j]."""
-    res, grid = cfg.vision.image_res, cfg.vision.grid_size
+    res, grid, resize = cfg.vision.image_res, cfg.vision.grid_size, cfg.vision.resize
     images, texts, group, boxes, is_image, wants, holds, names_one = [], [], [], [], [], [], [], []
     for i, s in enumerate(samples):
-        images.append(image_to_tensor(s.image, res))
-        W, H = s.image.size
+        images.append(image_to_tensor(s.image, res, resize))
+        canvas = Canvas.of(s.image.size, res, resize)
         if s.caption:
             texts.append(s.caption), group.append(i), boxes.append((0.0, 0.0, 1.0, 1.0)), is_image.append(True)
             wants.append(None), holds.append(None), names_one.append(True)
         for p in distinct_concepts(s.phrases, stage, rng):
-            x0, y0, x1, y1 = p.box
             texts.append(p.text), group.append(i), is_image.append(False)
-            boxes.append((max(x0 / W, 0.0), max(y0 / H, 0.0), min(x1 / W, 1.0), min(y1 / H, 1.0)))
+            boxes.append(tuple(canvas.normalise(p.box).clip(0.0, 1.0)))
             want, held = _meaning(p, s.objects)
             wants.append(want), holds.append(held), names_one.append(_names_one_object(p, want, s.objects))
     describes = torch.tensor([[w is not None and o is not None and w.matches(o) for o in holds] for w in wants],
