@@ -269,7 +269,7 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         for i, r in enumerate(results):
             if i in gradcams:
                 cam = gradcams[i]
-                peak = float(cam.max())
+                peak = float(cam[r.cells_on_image(cam.shape[0])].max())     # not a peak in the letterbox padding
                 img = overlay_heatmap(disp, cam, alpha, vmin=0.0, vmax=peak if peak > 0 else 1.0,
                                       box_xyxy=r.box_xyxy, color=color_for(i), box_image_size=r.image_size,
                                       grid_xyxy=r.canvas_xyxy)

@@ -109,6 +109,7 @@ def test_ground_maps_the_head_output_through_the_canvas(letterboxed):
     assert r.box_xyxy == pytest.approx(canvas.to_pixels(xyxy).tolist())
     assert r.to_dict()["canvas_xyxy"] == pytest.approx(list(canvas.xyxy))
     assert r.cells_on_image().sum() == 4 * 2                     # 4 x 4 grid, the 2:1 image covers two rows
+    assert np.array_equal(r.cells_on_image(8), canvas.cells_on_image(8, im.size))   # e.g. a Grad-CAM of another grid
 
 
 def test_concepts_pool_the_patches_under_the_box_on_the_canvas(letterboxed):

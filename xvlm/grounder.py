@@ -51,12 +51,15 @@ class GroundingResult:
     region_mask: np.ndarray | None = None          # (G, G) bool: patches of the predicted box (its concept)
     notes: dict[str, str] = field(default_factory=dict)   # why a field is None, truncation, ...
 
-    def cells_on_image(self) -> np.ndarray | None:
-        """(G, G) bool: the heatmap cells over the image, not over letterbox padding."""
-        if self.patch_heatmap is None:
-            return None
+    def cells_on_image(self, grid_size: int | None = None) -> np.ndarray | None:
+        """(G, G) bool: the cells of a patch grid (default: the heatmap's) over the image, not over letterbox padding.
+        Colour scales and argmaxes read these."""
+        if grid_size is None:
+            if self.patch_heatmap is None:
+                return None
+            grid_size = self.patch_heatmap.shape[0]
         canvas = Canvas(*(self.canvas_xyxy or (0.0, 0.0, *map(float, self.image_size))))
-        return canvas.cells_on_image(self.patch_heatmap.shape[0], self.image_size)
+        return canvas.cells_on_image(grid_size, self.image_size)
 
     def to_dict(self) -> dict:
         def arr(a):

@@ -193,7 +193,8 @@ class Canvas:
         xs, ys = self.x0 + (self.x1 - self.x0) * edges, self.y0 + (self.y1 - self.y0) * edges
         cols = (np.minimum(xs[1:], image_size[0]) - np.maximum(xs[:-1], 0)) > 0.5
         rows = (np.minimum(ys[1:], image_size[1]) - np.maximum(ys[:-1], 0)) > 0.5
-        return rows[:, None] & cols[None, :]
+        cells = rows[:, None] & cols[None, :]
+        return cells if cells.any() else np.ones_like(cells)     # a one-pixel image split between two cells
 
 
 def _letterbox_layout(size: tuple[int, int], image_res: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -360,7 +360,7 @@ def heatmap_figure(image, results: Sequence["GroundingResult"],
         if gradcams is not None:
             cam = gradcams.get(r.phrase)
             if cam is not None and np.isfinite(cam).all():
-                peak = float(np.max(cam))
+                peak = float(np.max(cam[r.cells_on_image(cam.shape[0])]))
                 row[3].imshow(overlay_heatmap(img, cam, alpha, vmin=0.0, vmax=peak if peak > 0 else 1.0,
                                               box_xyxy=r.box_xyxy, color=color, cmap=cmap,
                                               box_image_size=r.image_size, grid_xyxy=r.canvas_xyxy))
