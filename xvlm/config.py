@@ -17,6 +17,7 @@ import yaml
 # Preprocessing constants of the official X-VLM code (CLIP's statistics), used for every model here.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("squash", "letterbox")   # VisionConfig.resize; preprocess.Canvas
 
 
 @dataclass
@@ -44,8 +45,8 @@ class VisionConfig:
     resize: str = "squash"
 
     def __post_init__(self):
-        if self.resize not in ("squash", "letterbox"):
-            raise ValueError(f"vision.resize must be 'squash' or 'letterbox', got {self.resize!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"vision.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     @property
     def grid_size(self) -> int:

@@ -35,8 +35,7 @@ def heatmap_points_into_box(result: GroundingResult, box_xyxy) -> bool:
     heat = np.where(result.cells_on_image(), result.patch_heatmap, -np.inf)
     grid_h, grid_w = heat.shape
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    W, H = result.image_size
-    x0c, y0c, x1c, y1c = result.canvas_xyxy or (0.0, 0.0, W, H)
+    x0c, y0c, x1c, y1c = result.canvas.xyxy
     cell_w, cell_h = (x1c - x0c) / grid_w, (y1c - y0c) / grid_h
     cx, cy = x0c + (col + 0.5) * cell_w, y0c + (row + 0.5) * cell_h
     x0, y0, x1, y1 = box_xyxy

@@ -51,6 +51,10 @@ class GroundingResult:
     region_mask: np.ndarray | None = None          # (G, G) bool: patches of the predicted box (its concept)
     notes: dict[str, str] = field(default_factory=dict)   # why a field is None, truncation, ...
 
+    @property
+    def canvas(self) -> Canvas:
+        return Canvas(*(self.canvas_xyxy or (0.0, 0.0, *map(float, self.image_size))))
+
     def cells_on_image(self, grid_size: int | None = None) -> np.ndarray | None:
         """(G, G) bool: the cells of a patch grid (default: the heatmap's) over the image, not over letterbox padding.
         Colour scales and argmaxes read these."""
@@ -58,8 +62,7 @@ class GroundingResult:
             if self.patch_heatmap is None:
                 return None
             grid_size = self.patch_heatmap.shape[0]
-        canvas = Canvas(*(self.canvas_xyxy or (0.0, 0.0, *map(float, self.image_size))))
-        return canvas.cells_on_image(grid_size, self.image_size)
+        return self.canvas.cells_on_image(grid_size, self.image_size)
 
     def to_dict(self) -> dict:
         def arr(a):
@@ -280,7 +283,7 @@ class Grounder:
         m = self.model
         fused = run.fused_cls(m)
         coords = m.predict_bbox(fused).float()
-        pixels = self.canvas(run.px.image.size).to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
+        pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
         for r, c, xyxy in zip(results, coords.cpu(), pixels):
             r.box_cxcywh = [float(v) for v in c]
             r.box_xyxy = [float(v) for v in xyxy]

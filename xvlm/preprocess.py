@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import IMAGE_MEAN, IMAGE_STD
+from .config import IMAGE_MEAN, IMAGE_STD, RESIZE_MODES
 
 # A bound on decoded pixels: uploads beyond it are refused before decoding (decompression bombs included).
 MAX_IMAGE_PIXELS = 40_000_000
@@ -144,9 +144,6 @@ def to_rgb(im: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise InputError(f"unsupported image mode {im.mode}: save the image as an RGB PNG or JPEG") from e
 
 
-RESIZE_MODES = ("squash", "letterbox")
-
-
 @dataclass(frozen=True)
 class Canvas:
     """The square the model sees, as a rectangle in pixels of the original image: box coordinates in [0, 1] and the
@@ -173,18 +170,19 @@ class Canvas:
     def xyxy(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
 
+    def _origin_span(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([self.x0, self.y0, self.x0, self.y0]),
+                np.array([self.x1 - self.x0, self.y1 - self.y0] * 2))
+
     def normalise(self, boxes_xyxy: np.ndarray) -> np.ndarray:
         """[..., 4] pixel xyxy -> canvas coordinates in [0, 1] (outside where a box leaves the canvas)."""
-        origin = np.array([self.x0, self.y0, self.x0, self.y0])
-        span = np.array([self.x1 - self.x0, self.y1 - self.y0] * 2)
+        origin, span = self._origin_span()
         return (np.asarray(boxes_xyxy, dtype=np.float64) - origin) / span
 
     def to_pixels(self, boxes_xyxy: np.ndarray) -> np.ndarray:
         """[..., 4] canvas xyxy in [0, 1] -> pixels of the original image."""
-        origin = np.array([self.x0, self.y0, self.x0, self.y0])
-        span = np.array([self.x1 - self.x0, self.y1 - self.y0] * 2)
+        origin, span = self._origin_span()
         return np.asarray(boxes_xyxy, dtype=np.float64) * span + origin
-
 
     def cells_on_image(self, grid_size: int, image_size: tuple[int, int]) -> np.ndarray:
         """(G, G) bool: the patch cells that show some of the image (more than half a pixel); all of them unless

@@ -340,7 +340,8 @@ def heatmap_figure(image, results: Sequence["GroundingResult"],
         # [1] patch ITC, image granularity; [2] region granularity
         if r.patch_heatmap is not None:
             row[1].imshow(overlay_heatmap(img, r.patch_heatmap, alpha, vmin=lo, vmax=hi, box_xyxy=r.box_xyxy,
-                                          color=color, cmap=cmap, box_image_size=r.image_size, grid_xyxy=r.canvas_xyxy))
+                                          color=color, cmap=cmap, box_image_size=r.image_size,
+                                          grid_xyxy=r.canvas_xyxy))
             row[1].set_title(f"patch ITC (image)\nITC(image) = {r.itc_image:.3f}", fontsize=9)
             itc_axes.append(row[1])
         else:
