@@ -95,3 +95,19 @@ def test_concept_pooling_is_the_mean_of_each_concepts_patches_on_its_own_image()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(concept_cls(tokens, mask[:3]), torch.stack(        # no index: concept p on image p
         [tokens[p, 1:][mask[p, 1:].bool()].mean(0) for p in range(3)]))
+
+
+def test_vit_positions_start_as_sincos_and_train_only_where_the_encoder_does():
+    """The table is a starting point, not a constant: stages that train the encoder train it (as for every shipped
+    model), the fusion-only stage leaves it (and the ITC heatmaps) as they are."""
+    from xvlm.models.vision import sincos_2d
+    from xvlm.train import set_trainable
+    recipe = RECIPES["shapes-tiny"]
+    model = XVLM(dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=40)))
+    table = model.vision_encoder.backbone.pos_embed
+    grid, width = recipe.model.vision.grid_size, recipe.model.vision.width
+    assert torch.equal(table[0], sincos_2d(grid, width))
+    assert {stage.trainable for stage in recipe.stages} == {"all", "fusion"}
+    for stage in recipe.stages:
+        set_trainable(model, stage)
+        assert table.requires_grad == (stage.trainable == "all")

@@ -35,12 +35,12 @@ class VisionEncoder(nn.Module):
                 img_size=cfg.image_res, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
                 num_heads=cfg.heads, mlp_ratio=4.0, qkv_bias=True, class_token=False, global_pool="avg",
                 num_classes=0, drop_path_rate=0.05, embed_layer=_patch_embedding(cfg))
-            # Fixed 2-D sin-cos positions (as MAE): X-VLM's fusion attends to image tokens without positions of its
-            # own, so the box can only be read off position carried by the tokens. A from-scratch learned embedding
-            # (init std 0.02) stayed too weak for that in our measurements; a fixed one cannot fade.
+            # 2-D sin-cos positions (as MAE) to start from: X-VLM's fusion attends to image tokens without positions
+            # of their own, so the box can only be read off position carried by the tokens. A from-scratch learned
+            # embedding (timm's init, std 0.02) stayed too weak for that in our measurements. The table then trains
+            # with the rest of the encoder (weights/README.md: it moves little).
             with torch.no_grad():
                 self.backbone.pos_embed.copy_(sincos_2d(cfg.grid_size, cfg.width)[None])
-            self.backbone.pos_embed.requires_grad_(False)
             width = cfg.width
         else:
             raise ValueError(f"unknown vision encoder kind {cfg.kind!r}")
