@@ -156,6 +156,44 @@ def test_accuracy_by_the_words_that_name_the_target():
     assert "named by shape, no colour" in format_report({**evaluate_stub(), "shape_without_colour": by_shape})
 
 
+class _Neighbour(_Oracle):
+    """Answers each phrase with the exact box of the scene's first object that is not its target."""
+
+    def __init__(self, scenes):
+        super().__init__(scenes, 0.0)
+        for scene in scenes:
+            for p in scene.refexps:
+                others = [o.box for o in scene.objects if tuple(o.box) != tuple(p.box)]
+                self.targets[id(scene.image)][p.text] = others[0] if others else (-9, -9, -8, -8)
+
+
+def test_shape_confusion_counts_the_object_under_the_box_centre():
+    from xvlm.evaluate import shape_confusion
+    scenes = eval_scenes(40)
+    right = shape_confusion(ground_expressions(_Oracle(scenes, 0.0), scenes))
+    assert right and all(row["target"] == sum(row.values()) > 0 for row in right.values())
+    records = ground_expressions(_Neighbour(scenes), scenes)
+    wrong = shape_confusion(records)
+    by_shape = grounding_accuracy(records, by="shape_without_colour")
+    for shape, row in wrong.items():
+        assert row["target"] == 0 and sum(row.values()) == by_shape[shape]["n"]
+        expected = [r["landed_on"] for r in records if r["shape_without_colour"] == shape]
+        assert all(row[c] == expected.count(c) for c in row)
+    assert sum(row["none"] for row in wrong.values()) < sum(sum(row.values()) for row in wrong.values())
+    assert "box landed on" in format_report({**evaluate_stub(), "shape_confusion": wrong})
+
+
+def test_accuracy_by_image_aspect_ratio():
+    from xvlm.evaluate import aspect_bin
+    assert [aspect_bin(s) for s in ((100, 100), (140, 100), (100, 199), (300, 100))] == [
+        "1.0-1.2", "1.2-1.5", "1.5-2.0", "1.5-2.0"]
+    scenes = eval_scenes(30)
+    records = ground_expressions(_Oracle(scenes, 0.0), scenes)
+    table = grounding_accuracy(records, by="aspect")
+    assert len(table) >= 2 and sum(row["n"] for row in table.values()) == len(records)
+    assert "image long/short side" in format_report({**evaluate_stub(), "aspect": table})
+
+
 def evaluate_stub() -> dict:
     return {"model": "m", "scenes": 0, "seed": 0, "grounding": {}, "retrieval": {}}
 

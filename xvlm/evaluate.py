@@ -3,7 +3,8 @@
     python -m xvlm eval [--model weights/xvlm-shapes] [--scenes 300] [--json eval.json]
 
 Grounding: Acc@0.5 (IoU of the bbox-head box with the target >= 0.5) per referring-expression kind, mean IoU, and
-pointing accuracy (the patch-ITC heatmap's hottest cell inside the target box).
+pointing accuracy (the patch-ITC heatmap's hottest cell inside the target box); split by the words naming the target,
+by target size and image aspect ratio, and for shape-named targets which object the box landed on instead.
 Retrieval: text -> visual ITC R@1 among N candidates (one per scene) at image (caption vs image), region (region
 phrase vs its box's concept) and object (object label vs its box's concept) granularity. A retrieved candidate whose
 text equals the query counts as a hit (two scenes may both hold a "small red circle").
@@ -49,6 +50,26 @@ def box_centre_in(box_xyxy, target_xyxy) -> bool:
     return target_xyxy[0] <= cx <= target_xyxy[2] and target_xyxy[1] <= cy <= target_xyxy[3]
 
 
+ASPECT_BINS = (1.0, 1.2, 1.5, 2.0)   # image long side / short side; the eval style draws 1 to 2
+
+
+def aspect_bin(size) -> str:
+    """The image's long/short side ratio as a bin label (the last bin takes anything longer): how far a model that
+    squashes images to a square distorts it."""
+    ratio = max(size) / min(size)
+    for lo, hi in zip(ASPECT_BINS, ASPECT_BINS[1:]):
+        if ratio < hi:
+            break
+    return f"{lo:.1f}-{hi:.1f}"
+
+
+def landed_on(box_xyxy, target_xyxy, objects) -> str:
+    """Where the predicted box's centre lies: 'target', the shape of another object, or 'none' (between objects)."""
+    if box_centre_in(box_xyxy, target_xyxy):
+        return "target"
+    return next((o.shape for o in objects if box_centre_in(box_xyxy, o.box)), "none")
+
+
 def ground_expressions(g: Grounder, scenes) -> list[dict]:
     """One record per held-out referring expression: what the bbox head and the heatmap did with it."""
     records = []
@@ -65,7 +86,8 @@ def ground_expressions(g: Grounder, scenes) -> list[dict]:
                 "pointing": (None if r.patch_heatmap is None
                              else heatmap_points_into_box(r, p.box)),
                 "target_size": target_w / min(scene.image.size), "named_by": named_by(p),
-                "shape_without_colour": shape_without_colour(p),
+                "shape_without_colour": shape_without_colour(p), "aspect": aspect_bin(scene.image.size),
+                "landed_on": landed_on(r.box_xyxy, p.box, scene.objects),
                 "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})
     return records
 
@@ -87,6 +109,16 @@ def shape_without_colour(phrase) -> str | None:
     if phrase.spec is None or not phrase.spec.target.shape or phrase.spec.target.color:
         return None
     return phrase.spec.target.shape
+
+
+def shape_confusion(records: list[dict]) -> dict:
+    """For expressions named by shape without colour: per target shape, how often the box landed on the target, on
+    an object of each shape, or between objects. Which shapes the encoder mistakes for which."""
+    from .data.synthetic import SHAPES
+    columns = ("target",) + SHAPES + ("none",)
+    return {shape: {c: sum(r["landed_on"] == c for r in records if r["shape_without_colour"] == shape)
+                    for c in columns}
+            for shape in SHAPES if any(r["shape_without_colour"] == shape for r in records)}
 
 
 def _accuracy_row(records: list[dict]) -> dict:
@@ -242,6 +274,8 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     report = {"model": g.name, "scenes": n_scenes, "seed": seed, "grounding": grounding_accuracy(records),
               "named_by": grounding_accuracy(records, by="named_by"),
               "shape_without_colour": grounding_accuracy(records, by="shape_without_colour"),
+              "shape_confusion": shape_confusion(records),
+              "aspect": grounding_accuracy(records, by="aspect"),
               "box_size": box_size_by_target_size(records)}
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
@@ -265,12 +299,19 @@ def format_report(report: dict) -> str:
               "target (the right object, whatever the size). pointing: the patch-ITC heatmap's hottest cell lies in "
               "the target box (what the heatmap alone localises)."]
     split_tables = (("named_by", "target named by", "the words for the target itself, whatever the kind"),
-                    ("shape_without_colour", "named by shape, no colour", "which shapes the encoder tells apart"))
+                    ("shape_without_colour", "named by shape, no colour", "which shapes the encoder tells apart"),
+                    ("aspect", "image long/short side", "all kinds; a squashing model sees these images distorted"))
     for key, heading, why in split_tables:
         if report.get(key):
             lines += ["", f"{heading:<26}{'n':>4}{'Acc@0.5':>10}{'centre in':>11}   ({why})"]
             lines += [f"{group:<26}{row['n']:>4}{row['acc@0.5']:>10.3f}{row['centre_in']:>11.3f}"
                       for group, row in report[key].items()]
+    if report.get("shape_confusion"):
+        columns = next(iter(report["shape_confusion"].values())).keys()
+        lines += ["", f"{'box landed on':<14}" + "".join(f"{c:>10}" for c in columns)
+                  + "   (named by shape, no colour: the object under the box centre)"]
+        lines += [f"{shape:<14}" + "".join(f"{n:>10}" for n in row.values())
+                  for shape, row in report["shape_confusion"].items()]
     if report.get("box_size"):
         lines += ["", f"{'target width':<16}{'n':>6}{'Acc@0.5':>10}{'box/target width':>18}   "
                       "(bins of target width / image short side; width ratio: median over boxes on the right object)"]
