@@ -319,6 +319,15 @@ def test_bad_numpy_arrays_are_refused(arr, match):
 LONG = " ".join(["the smallest greenish circles behind squares"] * 5)    # 30 words, ~50 word pieces
 
 
+def test_tokenizer_batches_pad_to_the_longest_phrase_and_allow_none(grounder):
+    batch = grounder.tokenizer(["the red circle", "circle"])
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    assert batch.input_ids.shape == (2, max(lengths)) and lengths[0] > lengths[1]
+    assert (batch.input_ids[1, lengths[1]:] == grounder.tokenizer.pad_id).all()
+    empty = grounder.tokenizer([])
+    assert empty.input_ids.shape[0] == 0 and empty.attention_mask.shape[0] == 0 and empty.captions == []
+
+
 def test_long_phrase_is_truncated_with_a_visible_note(grounder):
     assert len(grounder.tokenizer.tokens(LONG)) > grounder.tokenizer.max_tokens
     short, long_ = grounder.ground(F / "img_a.png", ["the red circle", LONG])

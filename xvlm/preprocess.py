@@ -287,7 +287,7 @@ class Tokenizer:
             ids = [self.cls_id] + self.wordpiece.convert_tokens_to_ids(self.wordpiece.tokenize(cap))
             truncated.append(len(ids) > self.max_tokens)
             rows.append(ids[: self.max_tokens])
-        length = max(len(r) for r in rows)
+        length = max((len(r) for r in rows), default=1)     # no phrases: an empty batch, not an error
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, r in enumerate(rows):
