@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from xvlm import Grounder
 from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens, sample_hard_negatives
-from xvlm.train import RECIPES, collate, train
+from xvlm.models import XVLM
+from xvlm.train import RECIPES, collate, make_optimizer, set_trainable, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,6 +175,27 @@ def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients
     assert trimmed_grads.keys() == padded_grads.keys()
     for n in trimmed_grads:
         torch.testing.assert_close(trimmed_grads[n], padded_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_optimizer_decays_weight_matrices_only_and_skips_frozen_parameters():
+    recipe = RECIPES["shapes-tiny"]
+    model = XVLM(dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=50)))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for stage in recipe.stages:
+        set_trainable(model, stage)
+        decay, no_decay = (group["params"] for group in make_optimizer(model, 1e-3, 0.05).param_groups)
+        decayed, undecayed = {names[id(p)] for p in decay}, {names[id(p)] for p in no_decay}
+        assert decayed | undecayed == {n for n, p in model.named_parameters() if p.requires_grad}
+        assert not decayed & undecayed
+        params = dict(model.named_parameters())   # biases, norms, temp: <= 1-D; BERT's embeddings: by name
+        assert all(params[n].ndim > 1 and "embeddings" not in n for n in decayed)
+        assert all(params[n].ndim <= 1 or "embeddings" in n for n in undecayed)
+        assert "bbox_head.0.weight" in decayed and "bbox_head.0.bias" in undecayed
+        if stage.trainable == "all":   # the ViT position table is 3-D: decayed like a weight (documented)
+            assert "vision_encoder.backbone.pos_embed" in decayed
+            assert "text_encoder.embeddings.word_embeddings.weight" in undecayed
+        else:
+            assert not any(n.startswith(("vision_encoder.", "text_proj.", "vision_proj.")) for n in decayed | undecayed)
 
 
 def test_contrastive_loss_treats_same_text_as_positive():

@@ -430,9 +430,10 @@ def set_trainable(model: XVLM, stage: Stage) -> None:
 def make_optimizer(model: XVLM, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the parameters that require grad; no decay on biases, LayerNorms and BERT's embeddings (by name:
     the ViT position table is 3-D and decays like a weight matrix, as it did for every shipped model)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim > 1 and "embeddings" not in n]
-    no_decay = [p for n, p in params if not (p.ndim > 1 and "embeddings" not in n)]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 and "embeddings" not in name else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
