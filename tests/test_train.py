@@ -180,14 +180,14 @@ def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients
 def test_optimizer_decays_weight_matrices_only_and_skips_frozen_parameters():
     recipe = RECIPES["shapes-tiny"]
     model = XVLM(dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=50)))
-    names = {id(p): n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())   # biases, norms, temp: <= 1-D; BERT's embeddings: by name
+    names = {id(p): n for n, p in params.items()}
     for stage in recipe.stages:
         set_trainable(model, stage)
         decay, no_decay = (group["params"] for group in make_optimizer(model, 1e-3, 0.05).param_groups)
         decayed, undecayed = {names[id(p)] for p in decay}, {names[id(p)] for p in no_decay}
-        assert decayed | undecayed == {n for n, p in model.named_parameters() if p.requires_grad}
+        assert decayed | undecayed == {n for n, p in params.items() if p.requires_grad}
         assert not decayed & undecayed
-        params = dict(model.named_parameters())   # biases, norms, temp: <= 1-D; BERT's embeddings: by name
         assert all(params[n].ndim > 1 and "embeddings" not in n for n in decayed)
         assert all(params[n].ndim <= 1 or "embeddings" in n for n in undecayed)
         assert "bbox_head.0.weight" in decayed and "bbox_head.0.bias" in undecayed
