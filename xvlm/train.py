@@ -69,7 +69,8 @@ ALL_KINDS = ("object", "region") + REFEXP_KINDS
 SHAPES_MODEL = XVLMConfig(
     # conv stem: the encoder learns shapes, not only colours (VisionConfig.stem; Acc@0.5 0.594 -> 0.823, runs/v9)
     # Squashed input, as the official code: letterboxing (resize="letterbox") read shapes better but lost rectangles
-    # and small objects, Acc@0.5 0.843 -> 0.804 (runs/v11, weights/README.md).
+    # and small objects, Acc@0.5 0.843 -> 0.804 (runs/v11, weights/README.md). A 16x16 grid (image_res=256) read shapes
+    # better per step, but a stage-2 step costs 1.69x: in stage 2's time (3500 steps) Acc@0.5 0.843 -> 0.664 (runs/g16).
     vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3, stem="conv"),
     text=TextConfig(vocab_size=0, hidden_size=192, num_hidden_layers=4, fusion_layer=2, num_attention_heads=3,
                     intermediate_size=768, max_position_embeddings=64,
