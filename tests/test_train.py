@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from xvlm import Grounder
 from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens, sample_hard_negatives
 from xvlm.models import XVLM
-from xvlm.train import RECIPES, collate, make_optimizer, set_trainable, train
+from xvlm.train import RECIPES, collate, make_optimizer, scaled, set_trainable, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,16 @@ def test_tiny_recipe_trains_all_objectives_and_exports_a_loadable_model(tmp_path
     g = Grounder.from_pretrained(tmp_path / "run" / "final", device="cpu")
     r = g.ground(torch.zeros(50, 80, 3, dtype=torch.uint8).numpy(), "the red circle")
     assert 0 <= r.box_xyxy[0] <= r.box_xyxy[2] <= 80 and r.itm is not None and r.patch_heatmap.shape == (4, 4)
+
+
+def test_grid16_recipe_runs_every_stage_and_gives_a_16x16_heatmap(tmp_path):
+    """The GPU variant of the default recipe: one step of each stage on two images, and the model it exports."""
+    recipe = dataclasses.replace(scaled(RECIPES["shapes-grid16"], 1e-6), batch_images=2)
+    assert [s.name for s in recipe.stages] == [s.name for s in RECIPES["shapes"].stages]
+    train(recipe, tmp_path / "run", progress=False)
+    g = Grounder.from_pretrained(tmp_path / "run" / "final", device="cpu")
+    r = g.ground(torch.zeros(60, 90, 3, dtype=torch.uint8).numpy(), "the red circle")
+    assert r.patch_heatmap.shape == (16, 16) and 0 <= r.box_xyxy[0] <= r.box_xyxy[2] <= 90
 
 
 def test_training_is_reproducible_and_resumes(tmp_path):

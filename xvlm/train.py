@@ -125,6 +125,12 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# "shapes" on a 16x16 grid (256 px, same patches and stem), for a machine with steps to spare, e.g. a GPU with
+# `--steps-scale 4`: per step it read shapes better than "shapes"; in the CPU budget it lost (weights/README.md).
+RECIPES["shapes-grid16"] = dataclasses.replace(RECIPES["shapes"], model=dataclasses.replace(
+    SHAPES_MODEL, vision=dataclasses.replace(SHAPES_MODEL.vision, image_res=256)))
+
+
 def scaled(recipe: Recipe, factor: float) -> Recipe:
     """The same recipe with every stage's steps scaled (quick runs, longer GPU runs)."""
     stages = [dataclasses.replace(s, steps=max(1, round(s.steps * factor)), warmup=max(1, round(s.warmup * factor)))
