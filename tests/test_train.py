@@ -42,8 +42,9 @@ def test_tiny_recipe_trains_all_objectives_and_exports_a_loadable_model(tmp_path
 def test_grid16_recipe_runs_every_stage_and_gives_a_16x16_heatmap(tmp_path):
     """The GPU variant of the default recipe: one step of each stage on two images, and the model it exports."""
     recipe = dataclasses.replace(scaled(RECIPES["shapes-grid16"], 1e-6), batch_images=2)
-    assert [s.name for s in recipe.stages] == [s.name for s in RECIPES["shapes"].stages]
     train(recipe, tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in log] == [s.name for s in RECIPES["shapes"].stages]   # one logged step each
     g = Grounder.from_pretrained(tmp_path / "run" / "final", device="cpu")
     r = g.ground(torch.zeros(60, 90, 3, dtype=torch.uint8).numpy(), "the red circle")
     assert r.patch_heatmap.shape == (16, 16) and 0 <= r.box_xyxy[0] <= r.box_xyxy[2] <= 90
