@@ -112,6 +112,24 @@ def test_refexp_words_state_the_spec():
             assert d.size is None or d.size in words or (d.size == "large" and "big" in words)
 
 
+# Every word and form that issue #3's spec names, with the exact expressions it gives as examples.
+SPEC_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "gray", "grey", "white", "black", "circle",
+              "square", "triangle", "rectangle", "shape", "object", "small", "large", "big", "left of", "right of",
+              "above", "below", "leftmost", "rightmost", "topmost", "bottom", "bottommost", "on the left",
+              "on the right", "at the top", "at the bottom")
+SPEC_EXPRESSIONS = ("the red circle", "red circle", "the small blue square", "the large circle", "the yellow shape",
+                    "the leftmost square")
+
+
+def test_the_corpus_speaks_every_form_of_the_spec():
+    texts = [t for s in SCENES for t in _texts(s)]
+    for words in SPEC_WORDS:
+        assert any(re.search(rf"\b{words}\b", t) for t in texts), words
+    assert set(SPEC_EXPRESSIONS) <= set(texts)
+    relation = [p.text for s in SCENES for p in s.refexps if p.kind == "relation"]
+    assert any(re.fullmatch(r"the \w+ \w+ left of the \w+ \w+", t) for t in relation)  # "the green triangle left of the red circle"
+
+
 def test_all_kinds_appear_often():
     per_scene = Counter(k for s in SCENES for k in {p.kind for p in s.refexps})
     for kind in ("attribute", "size", "position", "relation"):
