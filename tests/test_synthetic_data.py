@@ -127,7 +127,8 @@ def test_the_corpus_speaks_every_form_of_the_spec():
         assert any(re.search(rf"\b{words}\b", t) for t in texts), words
     assert set(SPEC_EXPRESSIONS) <= set(texts)
     relation = [p.text for s in SCENES for p in s.refexps if p.kind == "relation"]
-    assert any(re.fullmatch(r"the \w+ \w+ left of the \w+ \w+", t) for t in relation)  # "the green triangle left of the red circle"
+    # the spec's relation form, "the green triangle left of the red circle"
+    assert any(re.fullmatch(r"the \w+ \w+ left of the \w+ \w+", t) for t in relation)
 
 
 def test_all_kinds_appear_often():
