@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from xvlm import Grounder
 from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens, sample_hard_negatives
 from xvlm.models import XVLM
-from xvlm.train import RECIPES, collate, make_optimizer, scaled, set_trainable, train
+from xvlm.train import RECIPES, collate, make_optimizer, scaled, second_cycle, set_trainable, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,6 +141,26 @@ def test_starting_at_a_stage_from_exported_weights_equals_the_full_run(tmp_path)
         assert moved <= trainable, k
     assert any(not torch.equal(two[k], b[k]) for k in two if k.startswith("bbox_head."))
 
+
+def test_a_second_cycle_continues_the_trained_fusion_instead_of_re_aligning_it(tmp_path):
+    """How the shipped model was trained: the recipe's stages 2-3 again from its own export (`shapes-cycle2`)."""
+    import shutil
+    from safetensors.torch import save_file
+    recipe = RECIPES["shapes-tiny"]
+    train(recipe, tmp_path / "one", progress=False)
+    # a trained fusion self-attention output (the tiny run's 2 steps leave it near the zero the alignment set)
+    start = tmp_path / "start"
+    shutil.copytree(tmp_path / "one" / "final", start)
+    weights = load_file(start / "model.safetensors")
+    key = "text_encoder.encoder.layer.2.attention.output.dense.weight"   # the first fusion layer
+    weights[key] = torch.randn_like(weights[key]) * 0.1
+    save_file(weights, start / "model.safetensors")
+    for cycle, realigned in ((second_cycle(recipe), False), (dataclasses.replace(recipe, seed=1), True)):
+        out = tmp_path / ("realigned" if realigned else "again")
+        train(cycle, out, progress=False, init=start, start_stage=recipe.stages[1].name, vocab=str(start / "vocab.txt"))
+        mid = load_file(out / "stages" / recipe.stages[1].name / "model.safetensors")
+        change = ((mid[key] - weights[key]).norm() / weights[key].norm()).item()
+        assert (change > 0.5) == realigned, (realigned, change)
 
 def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients(monkeypatch):
     """Training runs the text and fusion layers on captions and phrases apart, each padded to its own longest text;
