@@ -81,8 +81,9 @@ SHAPES_MODEL = XVLMConfig(
     embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
 
 RECIPES: dict[str, Recipe] = {
-    # The 90-minute CPU recipe (the shipped model is this and "shapes-cycle2"): 90.1 minutes on a 2-core CPU, nothing else running (runs/v10; weights/README.md
-    # has the measured times). The budget is spent: a longer stage needs a faster machine (--steps-scale).
+    # The 90-minute CPU recipe: 90.1 minutes on a 2-core CPU, nothing else running (runs/v10; weights/README.md has
+    # the measured times). The budget is spent: more steps need more time ("shapes-cycle2", the shipped model) or a
+    # faster machine (--steps-scale).
     "shapes": Recipe(model=SHAPES_MODEL, batch_images=24, stages=[
         Stage("pretrain", steps=1000, lr=4e-4, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
               phrase_kinds=ALL_KINDS, phrases_per_image=4),
@@ -132,10 +133,7 @@ RECIPES: dict[str, Recipe] = {
 RECIPES["shapes-grid16"] = dataclasses.replace(RECIPES["shapes"], model=dataclasses.replace(
     SHAPES_MODEL, vision=dataclasses.replace(SHAPES_MODEL.vision, image_res=256)))
 
-# The shipped weights: a second cycle of stages 2 and 3 on a "shapes" model, the time a 90-minute CPU recipe cannot
-# hold (about 75 more minutes there). Run with `--init <a "shapes" export> --start-stage grounding`: new scenes
-# (seed 1), and no re-alignment of the cross-attention, which the first cycle trained. From the 90-minute model:
-# Acc@0.5 0.843 -> 0.923, image ITC R@1 0.81 -> 0.92 (weights/README.md).
+
 def second_cycle(recipe: Recipe, seed: int = 1) -> Recipe:
     """The recipe's stages again, for `--init` from its own model: new scenes, and no cross-attention alignment (it
     would zero the trained fusion self-attention)."""
@@ -143,6 +141,9 @@ def second_cycle(recipe: Recipe, seed: int = 1) -> Recipe:
         dataclasses.replace(s, align_cross_attention=False) for s in recipe.stages])
 
 
+# The shipped weights: stages 2 and 3 once more on a "shapes" model, time the 90-minute CPU recipe cannot hold (about
+# 72 more minutes there). Run with `--init <a "shapes" export> --start-stage grounding`. From the 90-minute model:
+# Acc@0.5 0.843 -> 0.923, image ITC R@1 0.81 -> 0.92 (runs/c2, weights/README.md).
 RECIPES["shapes-cycle2"] = second_cycle(RECIPES["shapes"])
 
 
