@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from xvlm import Grounder
 from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens, sample_hard_negatives
@@ -144,8 +145,6 @@ def test_starting_at_a_stage_from_exported_weights_equals_the_full_run(tmp_path)
 
 def test_a_second_cycle_continues_the_trained_fusion_instead_of_re_aligning_it(tmp_path):
     """How the shipped model was trained: the recipe's stages 2-3 again from its own export (`shapes-cycle2`)."""
-    import shutil
-    from safetensors.torch import save_file
     recipe = RECIPES["shapes-tiny"]
     train(recipe, tmp_path / "one", progress=False)
     # a trained fusion self-attention output (the tiny run's 2 steps leave it near the zero the alignment set)
@@ -161,6 +160,7 @@ def test_a_second_cycle_continues_the_trained_fusion_instead_of_re_aligning_it(t
         mid = load_file(out / "stages" / recipe.stages[1].name / "model.safetensors")
         change = ((mid[key] - weights[key]).norm() / weights[key].norm()).item()
         assert (change > 0.5) == realigned, (realigned, change)
+
 
 def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients(monkeypatch):
     """Training runs the text and fusion layers on captions and phrases apart, each padded to its own longest text;
