@@ -226,7 +226,7 @@ def write_synthetic_image(path: str | Path, size: tuple[int, int] = IMAGE_SIZE, 
 def _tokenizer(vocab: Path, cfg):
     from .preprocess import Tokenizer
 
-    return Tokenizer(vocab, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+    return Tokenizer.for_config(vocab, cfg)
 
 
 def base_grounder(device, workdir: Path):

@@ -7,12 +7,16 @@ subclasses. `official_filter_fn` maps their names to ours (timm's `checkpoint_fi
     text_encoder.cls.predictions.transform.*  -> mlm_head.transform.*
     text_encoder.cls.predictions.bias         -> mlm_head.bias           (decoder weight is tied to word embeddings)
     vision_encoder.*                          -> vision_encoder.backbone.*  (Swin: stage i's downsample -> stage i+1)
-Buffers that are derived from the config (`relative_position_index`, `attn_mask`, `position_ids`) are rebuilt, and
-`relative_position_bias_table` is resized when the window differs. Every other key must match exactly: anything
+X²-VLM checkpoints (BEiT-2 vision, `models/beit2.py`) use the same text and head names in both layouts (pre-training:
+`text_encoder.bert.*` + `text_encoder.cls.*`; fine-tuned: `text_encoder.*`), and timm's BEiT names for the vision
+encoder. Buffers that are derived from the config (`relative_position_index`, `attn_mask`, `position_ids`) are
+rebuilt, and `relative_position_bias_table` is resized when the window (Swin) or patch grid (BEiT-2: the official
+`interpolate_pos_embed` of a fine-tuning load, `relpos.resize_rel_pos_table`) differs. Every other key must match exactly: anything
 missing, unexpected or mis-shaped is reported in one clear error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -24,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import XVLMConfig
 from .models import XVLM
+from .models import beit2
+from .relpos import resize_rel_pos_table
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -83,7 +89,10 @@ def official_filter_fn(state: dict[str, torch.Tensor], model: XVLM) -> dict[str,
             key = "vision_encoder.backbone." + key.removeprefix("vision_encoder.")
             key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
             if key.endswith("relative_position_bias_table") and key in ours and value.shape != ours[key].shape:
-                value = _resize_rel_pos_table(value, model.cfg.vision.window_size)
+                if model.cfg.vision.kind == "beit2":
+                    value = resize_rel_pos_table(value, ours[key].shape[0], num_extra_tokens=beit2.EXTRA_TOKENS)
+                else:
+                    value = _resize_rel_pos_table(value, model.cfg.vision.window_size)
         out[key] = value
     return out
 
@@ -106,13 +115,34 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 def load_official(path: str | Path, cfg: XVLMConfig) -> XVLM:
     """Build an XVLM with the heads the checkpoint carries and load it strictly."""
-    state = read_official_state_dict(path)
+    return load_official_state(read_official_state_dict(path), cfg, str(path))
+
+
+def load_official_state(state: dict[str, torch.Tensor], cfg: XVLMConfig, source: str = "checkpoint") -> XVLM:
+    """`load_official` on a state dict already in memory."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     heads = detect_heads(state)
     if not heads:
-        raise CheckpointError(f"{path} has none of the X-VLM heads (vision_proj, itm_head, bbox_head, mlm)")
-    model = XVLM(cfg.with_heads(heads))
-    load_state_strict(model, official_filter_fn(state, model), str(path))
+        raise CheckpointError(f"{source} has none of the X-VLM heads (vision_proj, itm_head, bbox_head, mlm)")
+    model = XVLM(fit_to_state(cfg, state, source).with_heads(heads))
+    load_state_strict(model, official_filter_fn(state, model), source)
     return model.eval()
+
+
+def fit_to_state(cfg: XVLMConfig, state: dict[str, torch.Tensor], source: str = "checkpoint") -> XVLMConfig:
+    """BEiT-2 depth and heads read from the checkpoint's shapes, where the official code hard-codes them by the
+    words base/large in a file name; width and patch size are checked (a mismatch is a wrong config, not a guess)."""
+    if cfg.vision.kind != "beit2":
+        return cfg
+    try:
+        shape = beit2.shape_from_state(state)
+    except KeyError as e:
+        raise CheckpointError(f"{source} does not fit a BEiT-2 config: {e.args[0]}") from None
+    for name, ours in (("width", cfg.vision.width), ("patch_size", cfg.vision.patch_size)):
+        if shape[name] != ours:
+            raise CheckpointError(f"{source} has a BEiT-2 vision {name} of {shape[name]}, the config says {ours}")
+    vision = dataclasses.replace(cfg.vision, depth=shape["depth"], heads=shape["heads"])
+    return dataclasses.replace(cfg, vision=vision)
 
 
 def save_pretrained(model: XVLM, directory: str | Path) -> None:

@@ -18,11 +18,12 @@ import yaml
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("squash", "letterbox")   # VisionConfig.resize; preprocess.Canvas
+PUNCTUATION_MODES = ("delete", "space")  # XVLMConfig.punctuation; preprocess.pre_caption
 
 
 @dataclass
 class VisionConfig:
-    kind: str = "swin"                 # 'swin' (official X-VLM) or 'vit' (our small models)
+    kind: str = "swin"                 # 'swin' (official X-VLM), 'beit2' (official X²-VLM) or 'vit' (our small models)
     image_res: int = 384
     patch_size: int = 32               # size of one final-stage token in input pixels (Swin: 4 * 2**(stages-1))
     width: int = 1024                  # channels of the final tokens (official `vision_width`)
@@ -31,7 +32,8 @@ class VisionConfig:
     depths: tuple[int, ...] = (2, 2, 18, 2)
     num_heads: tuple[int, ...] = (4, 8, 16, 32)
     window_size: int = 12
-    # ViT
+    # ViT and BEiT-2 (X²-VLM: timm's Beit with per-block relative position bias, layer scale, q/v biases, no absolute
+    # position embedding; patch_size 16, width = embed dim)
     depth: int = 12
     heads: int = 12
     # 'patch': one linear projection per patch (ViT, official). 'conv': stride-2 3x3 convolutions down to the patch
@@ -79,6 +81,14 @@ class XVLMConfig:
     max_tokens: int = 40
     # Which heads the model has. Official checkpoints differ here: the RefCOCO+ bbox model has only the box head.
     heads: tuple[str, ...] = ("itc", "itm", "bbox")
+    # Text preprocessing of the model family. X-VLM's pre_caption deletes punctuation and its tokenizer gives
+    # `[CLS] tokens`; X²-VLM's pre_caption replaces punctuation by a space and its tokenizer appends [SEP].
+    punctuation: str = "delete"        # 'delete' or 'space'
+    append_sep: bool = False
+
+    def __post_init__(self):
+        if self.punctuation not in PUNCTUATION_MODES:
+            raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, got {self.punctuation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +130,26 @@ PRESETS: dict[str, XVLMConfig] = {
     "xvlm-base-refcoco-weakly": XVLMConfig(vision=SWIN_B_384, text=BERT_BASE, heads=("itc", "itm")),
 }
 
+# X²-VLM (https://github.com/zengyan-97/X2-VLM#checkpoints): BEiT-2 vision, one BERT of 12 text + 6 fusion layers
+# (`text_num_hidden_layers: 18`, `text_fusion_start_at: 12`), X²-VLM text preprocessing.
+X2_TEXT = {"punctuation": "space", "append_sep": True}
+BEIT2_BASE_224 = VisionConfig(kind="beit2", image_res=224, patch_size=16, width=768, depth=12, heads=12)
+BEIT2_LARGE_224 = VisionConfig(kind="beit2", image_res=224, patch_size=16, width=1024, depth=24, heads=16)
+BEIT2_LARGE_384 = dataclasses.replace(BEIT2_LARGE_224, image_res=384)
+BERT_BASE_18 = dataclasses.replace(BERT_BASE, num_hidden_layers=18, fusion_layer=12)
+BERT_LARGE_18 = TextConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=18, fusion_layer=12,
+                           num_attention_heads=16, intermediate_size=4096)
+_X2_PRETRAINED = ("itc", "itm", "bbox", "mlm")
+PRESETS.update({
+    # pre-trained: `x2vlm_base_4m.th`, `x2vlm_base_1b.th`, `x2vlm_large_4m.th`, `x2vlm_large_1b.th` (224 px)
+    "x2vlm-base-4m": XVLMConfig(vision=BEIT2_BASE_224, text=BERT_BASE_18, heads=_X2_PRETRAINED, **X2_TEXT),
+    "x2vlm-base-1b": XVLMConfig(vision=BEIT2_BASE_224, text=BERT_BASE_18, heads=_X2_PRETRAINED, **X2_TEXT),
+    "x2vlm-large-4m": XVLMConfig(vision=BEIT2_LARGE_224, text=BERT_LARGE_18, heads=_X2_PRETRAINED, **X2_TEXT),
+    "x2vlm-large-1b": XVLMConfig(vision=BEIT2_LARGE_224, text=BERT_LARGE_18, heads=_X2_PRETRAINED, **X2_TEXT),
+    # RefCOCO+ bbox fine-tuned, 384 px: the checkpoint inside `x2vlm_large_1b_grounding.tar`; box head only.
+    "x2vlm-large-1b-grounding": XVLMConfig(vision=BEIT2_LARGE_384, text=BERT_LARGE_18, heads=("bbox",), **X2_TEXT),
+})
+
 
 def get_preset(name: str) -> XVLMConfig:
     try:
@@ -140,9 +170,12 @@ def _resolve(path_str: str, yaml_dir: Path) -> Path:
 
 
 def from_official_yaml(yaml_path: str | Path, heads: tuple[str, ...] | None = None) -> XVLMConfig:
-    """Read an official task YAML (e.g. `configs/Grounding_bbox.yaml`) and the JSON configs it points to."""
+    """Read an official task YAML (e.g. `configs/Grounding_bbox.yaml`) and the JSON configs it points to. An X²-VLM
+    YAML (`use_beit_v2: True`) is read by `x2vlm_from_official_yaml`."""
     yaml_path = Path(yaml_path)
     cfg = yaml.safe_load(yaml_path.read_text())
+    if isinstance(cfg, dict) and cfg.get("use_beit_v2"):
+        return x2vlm_from_official_yaml(yaml_path, cfg, heads)
     if not isinstance(cfg, dict) or "vision_config" not in cfg or "text_config" not in cfg:
         raise ValueError(f"{yaml_path} is not an X-VLM task config (needs vision_config and text_config)")
     if cfg.get("use_clip_vit") or cfg.get("use_roberta"):
@@ -166,3 +199,39 @@ def from_official_yaml(yaml_path: str | Path, heads: tuple[str, ...] | None = No
         heads = ("bbox",) + (("itc", "itm") if "embed_dim" in cfg else ())
     return XVLMConfig(vision=vision, text=text, embed_dim=int(cfg.get("embed_dim", 256)),
                       temp=float(cfg.get("temp", 0.07)), max_tokens=int(cfg.get("max_tokens", 40)), heads=tuple(heads))
+
+
+# The official BEiT-2 presets (`models/beit2.py beit_{base,large}_patch16`), chosen by the official code from the
+# word base/large in the vision config's file name. `checkpoint.fit_to_state` replaces depth and heads by what a
+# checkpoint's shapes say.
+BEIT2_SIZES = {"base": {"depth": 12, "heads": 12}, "large": {"depth": 24, "heads": 16}}
+
+
+def x2vlm_from_official_yaml(yaml_path: Path, cfg: dict, heads: tuple[str, ...] | None = None) -> XVLMConfig:
+    """An X²-VLM task YAML: `vision_config` JSON ({ckpt, vision_width, patch_size}), the `text_encoder` folder's BERT
+    `config.json` with `text_num_hidden_layers` (text + fusion layers) and `text_fusion_start_at`."""
+    for key in ("vision_config", "text_encoder", "image_res", "patch_size", "text_num_hidden_layers",
+                "text_fusion_start_at"):
+        if key not in cfg:
+            raise ValueError(f"{yaml_path} is not an X²-VLM task config (no {key!r})")
+    if cfg.get("use_clip_vit") or cfg.get("use_swin") or "roberta" in str(cfg["text_encoder"]):
+        raise NotImplementedError("only the BEiT-2 + BERT variant of X²-VLM is supported")
+    vision_file = _resolve(cfg["vision_config"], yaml_path.parent)
+    vj = json.loads(vision_file.read_text())
+    if int(vj["patch_size"]) != int(cfg["patch_size"]):
+        raise ValueError(f"patch_size differs between {yaml_path} and {vision_file.name}")
+    size = next((v for k, v in BEIT2_SIZES.items() if k in str(cfg["vision_config"])), BEIT2_SIZES["base"])
+    vision = VisionConfig(kind="beit2", image_res=int(cfg["image_res"]), patch_size=int(cfg["patch_size"]),
+                          width=int(vj["vision_width"]), **size)
+    tj = json.loads(_resolve(str(Path(cfg["text_encoder"]) / "config.json"), yaml_path.parent).read_text())
+    if tj.get("hidden_act", "gelu") != "gelu":
+        raise NotImplementedError(f"hidden_act {tj['hidden_act']!r} is not supported")
+    text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+    text = TextConfig(**{k: v for k, v in tj.items() if k in text_fields} | {
+        "num_hidden_layers": int(cfg["text_num_hidden_layers"]), "fusion_layer": int(cfg["text_fusion_start_at"])})
+    if heads is None:
+        heads = ("bbox",) + (("itc", "itm") if "embed_dim" in cfg else ())
+    # max_words: the grounding dataset's default (the pre-training YAMLs' max_words is their training value)
+    return XVLMConfig(vision=vision, text=text, embed_dim=int(cfg.get("embed_dim", 256)),
+                      temp=float(cfg.get("temp", 0.07)), max_tokens=int(cfg.get("max_tokens", 40)), heads=tuple(heads),
+                      **X2_TEXT)

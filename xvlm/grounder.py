@@ -180,20 +180,22 @@ class Grounder:
                                     + (" (the default model is trained with `python -m xvlm train`)"
                                        if path == DEFAULT_WEIGHTS else ""))
         model = load_pretrained(path)
-        tokenizer = Tokenizer(path, max_tokens=model.cfg.max_tokens, max_words=model.cfg.max_words)
+        tokenizer = Tokenizer.for_config(path, model.cfg)
         return cls(model, tokenizer, name=kw.pop("name", path.name), **kw)
 
     @classmethod
     def from_official(cls, checkpoint: str | Path, config: str | Path | None = None, preset: str | None = None,
                       tokenizer: str | Path | None = None, scorer_checkpoint: str | Path | None = None,
                       **kw) -> "Grounder":
-        """An official X-VLM checkpoint, shaped by its task YAML (`config`) or a built-in `preset`."""
+        """An official X-VLM or X²-VLM checkpoint, shaped by its task YAML (`config`) or a built-in `preset`. A
+        scorer checkpoint is shaped by the same config (X²-VLM: a 224-px pre-trained scorer beside the 384-px
+        grounding model gets its relative position tables resized as the official fine-tuning load does)."""
         cfg = _official_config(config, preset)
         if tokenizer is None:
             raise ValueError("official checkpoints need a tokenizer: the bert-base-uncased vocab.txt (or its folder)")
         model = load_official(checkpoint, cfg)
         scorer = load_official(scorer_checkpoint, cfg) if scorer_checkpoint is not None else None
-        tok = Tokenizer(tokenizer, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+        tok = Tokenizer.for_config(tokenizer, cfg)
         if tok.vocab_size != cfg.text.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {cfg.text.vocab_size}")
         return cls(model, tok, scorer=scorer, name=kw.pop("name", Path(checkpoint).name), **kw)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import IMAGE_MEAN, IMAGE_STD, RESIZE_MODES
+from .config import IMAGE_MEAN, IMAGE_STD, PUNCTUATION_MODES, RESIZE_MODES
 
 # A bound on decoded pixels: uploads beyond it are refused before decoding (decompression bombs included).
 MAX_IMAGE_PIXELS = 40_000_000
@@ -225,10 +225,13 @@ def image_to_tensor(im: Image.Image, image_res: int, resize: str = "squash") -> 
 
 
 # --- text --------------------------------------------------------------------------------------------------------
-def pre_caption(caption: str, max_words: int = 30) -> str:
-    """The official caption cleaning: lower-case, drop ,.'!?"()*#:;~ , '-' and '/' become spaces, squeeze spaces,
-    keep the first `max_words` words."""
-    caption = re.sub(r"([,.'!?\"()*#:;~])", "", caption.lower()).replace("-", " ").replace("/", " ")
+def pre_caption(caption: str, max_words: int = 30, punctuation: str = "delete") -> str:
+    """The official caption cleaning: lower-case, ,.'!?"()*#:;~ deleted (X-VLM, `punctuation='delete'`) or replaced
+    by a space (X²-VLM, 'space'), '-' and '/' become spaces, squeeze spaces, keep the first `max_words` words."""
+    if punctuation not in PUNCTUATION_MODES:
+        raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, got {punctuation!r}")
+    caption = re.sub(r"([,.'!?\"()*#:;~])", "" if punctuation == "delete" else " ", caption.lower())
+    caption = caption.replace("-", " ").replace("/", " ")
     caption = caption.replace("<person>", "person")
     caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
     words = caption.split(" ")
@@ -260,9 +263,11 @@ class TextBatch:
 
 
 class Tokenizer:
-    """BERT WordPiece from a local `vocab.txt` (or a folder holding one), X-VLM style: `[CLS] tokens`, no [SEP]."""
+    """BERT WordPiece from a local `vocab.txt` (or a folder holding one): `[CLS] tokens` (X-VLM), or
+    `[CLS] tokens [SEP]` with `append_sep` (X²-VLM, whose truncation keeps the [SEP] last as transformers' does)."""
 
-    def __init__(self, vocab: str | Path, max_tokens: int = 40, max_words: int = 30):
+    def __init__(self, vocab: str | Path, max_tokens: int = 40, max_words: int = 30, punctuation: str = "delete",
+                 append_sep: bool = False):
         from transformers import BertTokenizer
 
         vocab = Path(vocab)
@@ -272,21 +277,35 @@ class Tokenizer:
         self.vocab_file = vocab_file
         self.wordpiece = BertTokenizer(str(vocab_file), do_lower_case=True)
         self.max_tokens, self.max_words = max_tokens, max_words
+        pre_caption("", punctuation=punctuation)          # validates the mode here rather than on the first phrase
+        self.punctuation, self.append_sep = punctuation, append_sep
         self.pad_id = self.wordpiece.pad_token_id
+        self.sep_id = self.wordpiece.sep_token_id
         self.cls_id = self.wordpiece.cls_token_id
         self.mask_id = self.wordpiece.mask_token_id
+
+    @classmethod
+    def for_config(cls, vocab: str | Path, cfg) -> "Tokenizer":
+        """The tokenizer a model of this `XVLMConfig` was trained with."""
+        return cls(vocab, max_tokens=cfg.max_tokens, max_words=cfg.max_words, punctuation=cfg.punctuation,
+                   append_sep=cfg.append_sep)
 
     @property
     def vocab_size(self) -> int:
         return len(self.wordpiece)
 
+    def caption(self, phrase: str) -> str:
+        return pre_caption(phrase, self.max_words, self.punctuation)
+
     def __call__(self, phrases: list[str]) -> TextBatch:
-        captions = [pre_caption(p, self.max_words) for p in phrases]
+        captions = [self.caption(p) for p in phrases]
         rows, truncated = [], []
         for cap in captions:
             ids = [self.cls_id] + self.wordpiece.convert_tokens_to_ids(self.wordpiece.tokenize(cap))
+            ids += [self.sep_id] if self.append_sep else []
             truncated.append(len(ids) > self.max_tokens)
-            rows.append(ids[: self.max_tokens])
+            rows.append(ids[: self.max_tokens - 1] + ids[-1:] if self.append_sep and truncated[-1]
+                        else ids[: self.max_tokens])
         length = max((len(r) for r in rows), default=1)     # no phrases: an empty batch, not an error
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -296,7 +315,7 @@ class Tokenizer:
         return TextBatch(input_ids, attention_mask, captions, truncated)
 
     def tokens(self, phrase: str) -> list[str]:
-        return ["[CLS]"] + self.wordpiece.tokenize(pre_caption(phrase, self.max_words))
+        return ["[CLS]"] + self.wordpiece.tokenize(self.caption(phrase)) + (["[SEP]"] if self.append_sep else [])
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

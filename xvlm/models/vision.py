@@ -16,6 +16,7 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from ..config import VisionConfig
+from . import beit2
 
 
 class VisionEncoder(nn.Module):
@@ -42,6 +43,9 @@ class VisionEncoder(nn.Module):
             with torch.no_grad():
                 self.backbone.pos_embed.copy_(sincos_2d(cfg.grid_size, cfg.width)[None])
             width = cfg.width
+        elif cfg.kind == "beit2":
+            self.backbone = beit2.build_backbone(cfg)
+            width = cfg.width
         else:
             raise ValueError(f"unknown vision encoder kind {cfg.kind!r}")
         if width != cfg.width:
@@ -56,8 +60,11 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, R, R] normalised images -> [B, 1 + G*G, width] (token 0: mean of the patches)."""
-        patches = self.backbone.forward_features(images)
-        patches = patches.flatten(1, 2) if patches.dim() == 4 else patches  # Swin: B H W C, ViT: B N C
+        if self.cfg.kind == "beit2":
+            patches = beit2.patch_tokens(self.backbone, images)           # fc_norm per patch, cls output dropped
+        else:
+            patches = self.backbone.forward_features(images)
+            patches = patches.flatten(1, 2) if patches.dim() == 4 else patches  # Swin: B H W C, ViT: B N C
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
 
 
