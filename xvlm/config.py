@@ -160,9 +160,11 @@ def get_preset(name: str) -> XVLMConfig:
 
 def _resolve(path_str: str, yaml_dir: Path) -> Path:
     """Official YAMLs name files relative to the repository root (`configs/config_bert.json`); ours relative to the
-    YAML. Try the YAML's folder, then its parent (the repository root when the YAML sits in `configs/`), then cwd."""
+    YAML. Try the YAML's folder, then its parent (the repository root when the YAML sits in `configs/`), then cwd, then
+    its grandparent (X²-VLM's task YAMLs sit in `configs/finetune/` and `configs/pretrain/`)."""
     p = Path(path_str)
-    candidates = [p] if p.is_absolute() else [yaml_dir / p, yaml_dir.parent / p, Path.cwd() / p, yaml_dir / p.name]
+    candidates = [p] if p.is_absolute() else [yaml_dir / p, yaml_dir.parent / p, Path.cwd() / p, yaml_dir / p.name,
+                                              yaml_dir.parent.parent / p]
     for c in candidates:
         if c.is_file():
             return c
