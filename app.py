@@ -4,7 +4,7 @@ With no option it serves the shipped default model (weights/xvlm-shapes/, nothin
 point of a Hugging Face Space (same file; the GPU is used when the Space has one).
 
 Options (each also an environment variable, the flag wins):
-    --checkpoint FILE   XVLM_CHECKPOINT   an official X-VLM checkpoint (e.g. refcoco_bbox/checkpoint_best.pth) ...
+    --checkpoint FILE   XVLM_CHECKPOINT   an official X-VLM or X²-VLM checkpoint (e.g. checkpoint_best.pth) ...
     --config YAML       XVLM_CONFIG       ... shaped by its official task YAML (e.g. configs/Grounding_bbox.yaml)
     --preset NAME       XVLM_PRESET       ... or by a built-in preset (xvlm-base-4m, xvlm-base-refcoco-bbox, ...)
     --tokenizer VOCAB   XVLM_TOKENIZER    ... with the bert-base-uncased vocab.txt (or its folder)
@@ -31,7 +31,8 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     on_space = bool(env.get("SPACE_ID"))
     p = argparse.ArgumentParser(description="X-VLM visual grounding demo (Gradio)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--checkpoint", default=defaults["checkpoint"], help="official X-VLM checkpoint (.pth/.th)")
+    p.add_argument("--checkpoint", default=defaults["checkpoint"],
+                   help="official X-VLM or X²-VLM checkpoint (.pth/.th)")
     p.add_argument("--config", default=defaults["config"], help="official task YAML for --checkpoint")
     p.add_argument("--preset", default=defaults["preset"], help="built-in config preset for --checkpoint")
     p.add_argument("--tokenizer", default=defaults["tokenizer"], help="vocab.txt (or folder) for --checkpoint")

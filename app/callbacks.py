@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from xvlm.config import model_family
 from xvlm.grounder import NO_BOX, NO_ITC, NO_ITM, Grounder, GroundingResult
 from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, load_image, pre_caption
 from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
@@ -172,8 +173,10 @@ def describe_model(g: Grounder) -> str:
     has = ", ".join(label for k, label in labels if caps[k]) or "nothing"
     lacks = ", ".join(label for k, label in labels if not caps[k])
     vc = g.model.cfg.vision
-    return (f"**Model:** `{g.name}` · has: {has}" + (f" · **lacks: {lacks}**" if lacks else "")
-            + f" · {vc.kind} {vc.image_res}px input, {g.grid_size}x{g.grid_size} patches · {g.device.type.upper()}")
+    return (f"**Model:** `{g.name}` ({model_family(g.model.cfg)}) · has: {has}"
+            + (f" · **lacks: {lacks}**" if lacks else "")
+            + f" · {vc.kind} {vc.image_res}px input, {g.grid_size}x{g.grid_size} patches of {vc.patch_size}px"
+            + f" · {g.device.type.upper()}")
 
 
 # --- outputs -----------------------------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
                 "(same pixels as before, only the text side was recomputed).")]
     max_words = getattr(g.tokenizer, "max_words", None)
     for i, r in enumerate(results):
-        words = len(pre_caption(r.phrase, max_words=10**9).split())
+        words = len(pre_caption(r.phrase, 10**9, getattr(g.tokenizer, "punctuation", "delete")).split())
         if max_words and words > max_words:
             notes.append(f"Phrase {i + 1}: the model reads only its first {max_words} words ({words} given).")
         if "truncated" in r.notes:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xvlm.config import official_family
 from xvlm.grounder import DEFAULT_WEIGHTS, Grounder
 
 ENV_VARS = ("XVLM_CHECKPOINT", "XVLM_PRESET", "XVLM_CONFIG", "XVLM_TOKENIZER", "XVLM_MODEL")
@@ -155,8 +156,9 @@ def specs_from_options(checkpoint: str | None = None, preset: str | None = None,
     if checkpoint:
         p = Path(checkpoint)
         label = f"{p.parent.name}/{p.name}" if p.parent.name else p.name
-        specs.append(ModelSpec(name=f"{label} (official)", kind="official", path=str(checkpoint), config=config,
-                               preset=preset, tokenizer=tokenizer))
+        family = official_family(config, preset)         # the selector tells X-VLM and X²-VLM files apart
+        specs.append(ModelSpec(name=f"{label} (official{' ' + family if family else ''})", kind="official",
+                               path=str(checkpoint), config=config, preset=preset, tokenizer=tokenizer))
     elif config or preset or tokenizer:
         raise ModelUnavailable("--config/--preset/--tokenizer (XVLM_CONFIG/XVLM_PRESET/XVLM_TOKENIZER) describe an "
                                "official checkpoint: give it with --checkpoint (XVLM_CHECKPOINT)")

@@ -52,7 +52,8 @@ def pretraining_layout(state: dict[str, torch.Tensor], mlm: bool = False) -> dic
         g = torch.Generator().manual_seed(0)
         h, vocab = 128, state["text_encoder.embeddings.word_embeddings.weight"].shape[0]
         p = "text_encoder.cls.predictions."
-        out |= {p + "bias": torch.randn(vocab, generator=g), p + "transform.dense.weight": torch.randn(h, h, generator=g),
+        out |= {p + "bias": torch.randn(vocab, generator=g),
+                p + "transform.dense.weight": torch.randn(h, h, generator=g),
                 p + "transform.dense.bias": torch.randn(h, generator=g),
                 p + "transform.LayerNorm.weight": torch.randn(h, generator=g),
                 p + "transform.LayerNorm.bias": torch.randn(h, generator=g),

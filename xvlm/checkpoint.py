@@ -11,8 +11,8 @@ X²-VLM checkpoints (BEiT-2 vision, `models/beit2.py`) use the same text and hea
 `text_encoder.bert.*` + `text_encoder.cls.*`; fine-tuned: `text_encoder.*`), and timm's BEiT names for the vision
 encoder. Buffers that are derived from the config (`relative_position_index`, `attn_mask`, `position_ids`) are
 rebuilt, and `relative_position_bias_table` is resized when the window (Swin) or patch grid (BEiT-2: the official
-`interpolate_pos_embed` of a fine-tuning load, `relpos.resize_rel_pos_table`) differs. Every other key must match exactly: anything
-missing, unexpected or mis-shaped is reported in one clear error.
+`interpolate_pos_embed` of a fine-tuning load, `relpos.resize_rel_pos_table`) differs. Every other key must match
+exactly: anything missing, unexpected or mis-shaped is reported in one clear error.
 """
 from __future__ import annotations
 

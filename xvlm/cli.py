@@ -62,7 +62,7 @@ def ground_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("model (default: the shipped model in weights/)")
     src.add_argument("--model", metavar="DIR", help="a model folder saved by save_pretrained "
                                                     "(config.json, model.safetensors, vocab.txt)")
-    src.add_argument("--checkpoint", metavar="CKPT", help="an official X-VLM checkpoint (.pth/.th)")
+    src.add_argument("--checkpoint", metavar="CKPT", help="an official X-VLM or X²-VLM checkpoint (.pth/.th)")
     src.add_argument("--config", metavar="YAML", help="the official task YAML of --checkpoint")
     src.add_argument("--preset", metavar="NAME", help="a built-in configuration for --checkpoint instead of --config")
     src.add_argument("--tokenizer", metavar="VOCAB", help="BERT vocab.txt (or its folder) for --checkpoint")

@@ -151,6 +151,23 @@ PRESETS.update({
 })
 
 
+def model_family(cfg: XVLMConfig) -> str:
+    """The system a configuration belongs to, for people to read: X²-VLM (BEiT-2 vision) or X-VLM."""
+    return "X²-VLM" if cfg.vision.kind == "beit2" else "X-VLM"
+
+
+def official_family(config: str | Path | None = None, preset: str | None = None) -> str | None:
+    """The family of an official checkpoint's `config` (task YAML) or `preset`, without reading anything else;
+    None when it cannot be told (unreadable YAML, unknown preset: loading reports those)."""
+    if preset is not None:
+        return model_family(PRESETS[preset]) if preset in PRESETS else None
+    try:
+        task = yaml.safe_load(Path(config).read_text())
+    except (OSError, TypeError, yaml.YAMLError):
+        return None
+    return None if not isinstance(task, dict) else "X²-VLM" if task.get("use_beit_v2") else "X-VLM"
+
+
 def get_preset(name: str) -> XVLMConfig:
     try:
         return dataclasses.replace(PRESETS[name])
