@@ -18,7 +18,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 # command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
-LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench"}
+LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench", "refcoco": "xvlm.refcoco"}
 HEATMAP_KEYS = ("patch_heatmap", "region_mask")
 
 USAGE = """usage: python -m xvlm <command> [args]
@@ -28,6 +28,7 @@ commands:
   train    train a model (xvlm.train)
   eval     evaluate a model (xvlm.evaluate)
   bench    benchmark a model (xvlm.bench)
+  refcoco  the official RefCOCO+ box evaluation of an official checkpoint (xvlm.refcoco)
 """
 
 
