@@ -18,6 +18,7 @@ from xvlm.preprocess import Tokenizer
 torch.set_num_threads(1)   # 2 shared cores: intra-op threads only contend
 REPO = Path(__file__).resolve().parent.parent
 F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
+X2 = Path(__file__).parent / "fixtures" / "official-x2vlm-small"
 PHRASES = bench.PHRASES[:5]
 
 
@@ -27,10 +28,12 @@ def models(tmp_path_factory):
     tiny = bench.tiny_grounder("cpu", tmp)
     official = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml",
                                       tokenizer=F / "vocab.txt", device="cpu")
-    return {"tiny": tiny, "official-small": official}
+    x2 = Grounder.from_official(X2 / "checkpoint.pth", config=X2 / "refcoco_grounding.yaml",
+                                tokenizer=X2 / "bert-base-uncased-tiny", device="cpu")   # X²-VLM: same cache paths
+    return {"tiny": tiny, "official-small": official, "official-x2-small": x2}
 
 
-@pytest.fixture(params=["tiny", "official-small"])
+@pytest.fixture(params=["tiny", "official-small", "official-x2-small"])
 def g(request, models) -> Grounder:
     """A fresh Grounder (empty cache, zero counters) around the module's model."""
     base = models[request.param]
@@ -241,3 +244,11 @@ def test_timing_statistics():
     assert t.q1 == pytest.approx(1.75) and t.q3 == pytest.approx(3.25)
     cells = bench.timing_cells(t)
     assert cells[0] == "x" and cells[-1] == "4"
+
+
+def test_x2base_bench_model_is_x2vlm_base_at_384(tmp_path):
+    g = bench.build_grounder("x2base", "cpu", tmp_path)
+    v = g.model.cfg.vision
+    assert (v.kind, v.image_res, v.grid_size, v.width, v.depth) == ("beit2", 384, 24, 768, 12)
+    assert g.model.cfg.append_sep and g.tokenizer.append_sep and g.tokenizer.vocab_size == bench.BERT_BASE_VOCAB
+    assert "BEiT-2 width 768 depth 12 @ 384px (24x24 patches)" in bench.describe(g)

@@ -17,6 +17,8 @@ Models (`--models`, comma separated):
     default   the shipped model (weights/xvlm-shapes, `Grounder.from_pretrained()`); skipped with a message if absent
     base      X-VLM base size with random weights: Swin-B 384 + BERT-base 6+6, heads itc/itm/bbox (the released
               RefCOCO+ models' shape); the tokenizer is a synthetic 30522-token WordPiece vocab (no download)
+    x2base    X²-VLM base size with random weights at the same 384 px: BEiT-2 base (24x24 patches of 16 px) + BERT-base
+              12+6, heads itc/itm/bbox; same synthetic vocab
     tiny      a tiny random model for smoke tests
     DIR       any folder saved by `save_pretrained`
 """
@@ -39,7 +41,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-MODEL_CHOICES = ("default", "base", "tiny")
+MODEL_CHOICES = ("default", "base", "x2base", "tiny")
 DEFAULT_MODELS = "default,base"
 DEFAULT_MODEL_DIR: Path | None = None      # None: xvlm.grounder.DEFAULT_WEIGHTS (tests point it elsewhere)
 BERT_BASE_VOCAB = 30522
@@ -242,6 +244,22 @@ def base_grounder(device, workdir: Path):
     return Grounder(model, tok, device=device, name="xvlm-base (random weights)")
 
 
+def x2base_grounder(device, workdir: Path):
+    """X²-VLM base size at 384 px (BEiT-2 base + BERT-base 12+6, heads itc/itm/bbox), random weights: the base
+    pre-trained preset at the grounding resolution, beside `base_grounder`."""
+    import dataclasses
+
+    from .config import get_preset
+    from .grounder import Grounder
+    from .models import XVLM
+
+    torch.manual_seed(0)
+    cfg = get_preset("x2vlm-base-4m").with_heads(("itc", "itm", "bbox"))
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_res=384))
+    tok = _tokenizer(write_synthetic_vocab(workdir / "vocab-base"), cfg)
+    return Grounder(XVLM(cfg), tok, device=device, name="x2vlm-base 384px (random weights)")
+
+
 def tiny_config(vocab_size: int):
     from .config import TextConfig, VisionConfig, XVLMConfig
 
@@ -278,6 +296,8 @@ def pretrained_grounder(device, path: Path | None):
 def build_grounder(name: str, device, workdir: Path):
     if name == "base":
         return base_grounder(device, workdir)
+    if name == "x2base":
+        return x2base_grounder(device, workdir)
     if name == "tiny":
         return tiny_grounder(device, workdir)
     if name == "default":
@@ -290,6 +310,8 @@ def describe(g) -> str:
     v, t = cfg.vision, cfg.text
     if v.kind == "swin":
         vis = f"Swin embed {v.embed_dim} depths {list(v.depths)} @ {v.image_res}px"
+    elif v.kind == "beit2":
+        vis = f"BEiT-2 width {v.width} depth {v.depth} @ {v.image_res}px"
     else:
         vis = f"ViT width {v.width} depth {v.depth}{', conv stem' if v.stem == 'conv' else ''} @ {v.image_res}px"
     n_params = sum(p.numel() for p in g.model.parameters())
