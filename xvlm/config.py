@@ -237,8 +237,10 @@ def x2vlm_from_official_yaml(yaml_path: Path, cfg: dict, heads: tuple[str, ...] 
         raise NotImplementedError("only the BEiT-2 + BERT variant of X²-VLM is supported")
     vision_file = _resolve(cfg["vision_config"], yaml_path.parent)
     vj = json.loads(vision_file.read_text())
-    if int(vj["patch_size"]) != int(cfg["patch_size"]):
-        raise ValueError(f"patch_size differs between {yaml_path} and {vision_file.name}")
+    if "vision_width" not in vj or int(vj.get("patch_size", cfg["patch_size"])) != int(cfg["patch_size"]):
+        raise ValueError(f"{vision_file} is not a BEiT-2 vision config for {yaml_path.name} (vision_width, patch_size "
+                         f"{cfg['patch_size']})")
+    # neither word in the name: the official code refuses; the checkpoint's shapes decide anyway
     size = next((v for k, v in BEIT2_SIZES.items() if k in str(cfg["vision_config"])), BEIT2_SIZES["base"])
     vision = VisionConfig(kind="beit2", image_res=int(cfg["image_res"]), patch_size=int(cfg["patch_size"]),
                           width=int(vj["vision_width"]), **size)
