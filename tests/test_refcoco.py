@@ -69,7 +69,7 @@ def test_evaluation_counts_hits_per_split(dataset):
     refer = Refer.load(dataset, "refcoco+", "unc")
     records = json.loads((dataset / "refcoco+_test.json").read_text())
     report = evaluate(g, records, refer, dataset / "images", progress=False)
-    assert report["counts"] == {"val": 2, "testA": 3, "testB": 4}
+    assert report["counts"] == {"val": 2, "testA": 3, "testB": 4} and report["truncated"] == 0
     assert (report["val_d"], report["testA_d"], report["testB_d"]) == (1 / 2, 2 / 3, 1 / 4)
     assert [iou > 0.999 for iou in report["ious"]] == HIT and all(iou == 0 for iou, h in zip(report["ious"], HIT)
                                                                    if not h)
@@ -122,3 +122,18 @@ def test_cli_reports_missing_data_in_one_line(tmp_path, capsys):
                "--test-file", str(tmp_path / "t.json"), "--refcoco-data", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "refs(unc).p" in err[0]
+
+
+def test_the_command_does_not_truncate_long_expressions_like_the_official_evaluation(dataset, tmp_path):
+    long_text = " ".join(["smallest"] * 30)                   # 30 words, 2 WordPieces each: 62 tokens with [CLS] [SEP]
+    test = tmp_path / "long.json"
+    test.write_text(json.dumps([{"image": CASES[0]["image"], "text": long_text, "ref_id": 0}]))
+    g = Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
+    assert len(g.tokenizer([long_text]).input_ids[0]) == 40                         # the Grounder's default bound
+    refer = Refer.load(dataset, "refcoco+", "unc")
+    assert evaluate(g, json.loads(test.read_text()), refer, dataset / "images", progress=False)["truncated"] == 1
+    out = tmp_path / "report.json"
+    assert main(["--checkpoint", str(X2 / "checkpoint.pth"), "--config", str(YAML), "--tokenizer", str(TEXT),
+                 "--test-file", str(test), "--refcoco-data", str(dataset), "--image-root", str(dataset / "images"),
+                 "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["truncated"] == 0

@@ -122,9 +122,10 @@ def evaluate(g, records: list[dict], refer: Refer, image_root: str | Path = ".",
         if r["ref_id"] not in refer.refs:
             raise ValueError(f"ref_id {r['ref_id']} of the test file is not in the refs pickle")
         by_image[r["image"]].append(i)
-    ious = [0.0] * len(records)
+    ious, truncated = [0.0] * len(records), 0
     for image, idx in tqdm(by_image.items(), desc="RefCOCO images", disable=not progress):
         results = g.ground(Path(image_root) / image, [records[i]["text"] for i in idx])
+        truncated += sum("truncated" in res.notes for res in results)
         for i, res in zip(idx, results):
             ref = refer.refs[records[i]["ref_id"]]
             pred = official_xywh(res.box_cxcywh, *refer.sizes[ref["image_id"]])
@@ -135,7 +136,7 @@ def evaluate(g, records: list[dict], refer: Refer, image_root: str | Path = ".",
         counts[split] += 1
         hits[split] += iou >= 0.5
     report = {f"{s}_d": hits[s] / counts[s] for s in SPLITS if counts[s]}
-    return report | {"counts": {s: counts[s] for s in SPLITS if counts[s]}, "ious": ious}
+    return report | {"counts": {s: counts[s] for s in SPLITS if counts[s]}, "truncated": truncated, "ious": ious}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         refer = Refer.load(a.refcoco_data, a.dataset, a.split_by)
         records = read_test_records(a.test_file)
         g = _load_grounder(a)
+        # the official evaluation tokenizes without truncation (`tokenizer(text, padding='longest')`): only the
+        # position table bounds a phrase
+        g.tokenizer.max_tokens = g.model.cfg.text.max_position_embeddings
         report = evaluate(g, records, refer, a.image_root)
     except (UsageError, OSError, *_user_errors()) as e:
         return _fail(_one_line(e))
     for key in (f"{s}_d" for s in SPLITS):
         if key in report:
             print(f"{key}: {report[key]:.3f}  ({report['counts'][key[:-2]]} expressions)")
+    if report["truncated"]:
+        print(f"note: {report['truncated']} expressions were longer than the position table and truncated")
     if a.json:
         Path(a.json).write_text(json.dumps(report) + "\n")
     return 0
