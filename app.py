@@ -6,7 +6,7 @@ point of a Hugging Face Space (same file; the GPU is used when the Space has one
 Options (each also an environment variable, the flag wins):
     --checkpoint FILE   XVLM_CHECKPOINT   an official X-VLM or X²-VLM checkpoint (e.g. checkpoint_best.pth) ...
     --config YAML       XVLM_CONFIG       ... shaped by its official task YAML (e.g. configs/Grounding_bbox.yaml)
-    --preset NAME       XVLM_PRESET       ... or by a built-in preset (xvlm-base-4m, xvlm-base-refcoco-bbox, ...)
+    --preset NAME       XVLM_PRESET       ... or by a built-in preset (xvlm-base-refcoco-bbox, x2vlm-large-1b, ...)
     --tokenizer VOCAB   XVLM_TOKENIZER    ... with the bert-base-uncased vocab.txt (or its folder)
     --model DIR         XVLM_MODEL        a model folder in our format (config.json + model.safetensors + vocab.txt)
     --compile           XVLM_COMPILE=1    torch.compile the vision encoder (worth it on a GPU; slow first load)

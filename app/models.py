@@ -4,7 +4,7 @@ A model is described by a `ModelSpec` (cheap: paths only); `ModelRegistry.get(na
 use. The registry is shared by all sessions (models are read-only); per-user state lives in the Gradio session.
 Sources, in the order they appear in the selector:
     --model DIR / XVLM_MODEL            a model folder in our format (config.json + model.safetensors + vocab.txt)
-    --checkpoint FILE / XVLM_CHECKPOINT an official X-VLM checkpoint, shaped by --config YAML (XVLM_CONFIG) or
+    --checkpoint FILE / XVLM_CHECKPOINT an official X-VLM / X²-VLM checkpoint, shaped by --config YAML (XVLM_CONFIG) or
                                         --preset NAME (XVLM_PRESET), with --tokenizer vocab.txt (XVLM_TOKENIZER)
     the shipped default model           weights/xvlm-shapes/ (`Grounder.from_pretrained()`), when present
 """
