@@ -329,3 +329,21 @@ def test_paired_grounder_matches_the_official_384_model(paired, scorer_reference
         assert r.patch_heatmap.shape == (24, 24)
         np.testing.assert_allclose(r.patch_heatmap, np.asarray(case["patch_sims"]), atol=TOL, rtol=0)
         assert r.region_mask.shape == (24, 24)
+
+
+@pytest.mark.parametrize("yaml_path", [YAML, FIX / "official-xvlm-small" / "Grounding_bbox.yaml"], ids=["beit2", "swin"])
+def test_uninitialised_build_computes_every_buffer_no_checkpoint_carries(yaml_path):
+    """Official checkpoints load into a model built without random init; the buffers they do not carry
+    (relative_position_index, k_bias, Swin's attn_mask) must equal those of an ordinary build."""
+    from xvlm.checkpoint import build_uninitialised
+    from xvlm.models import XVLM
+
+    cfg = from_official_yaml(yaml_path)
+    ordinary, fast = XVLM(cfg), build_uninitialised(cfg)
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in ordinary.state_dict().items()}
+    persistent = set(ordinary.state_dict())
+    derived = {n: b for n, b in ordinary.named_buffers() if n not in persistent}
+    assert derived and all(p.device.type == "cpu" for p in fast.parameters())
+    fast_buffers = dict(fast.named_buffers())
+    for name, buffer in derived.items():
+        assert torch.equal(fast_buffers[name], buffer), name
