@@ -331,7 +331,8 @@ def test_paired_grounder_matches_the_official_384_model(paired, scorer_reference
         assert r.region_mask.shape == (24, 24)
 
 
-@pytest.mark.parametrize("yaml_path", [YAML, FIX / "official-xvlm-small" / "Grounding_bbox.yaml"], ids=["beit2", "swin"])
+@pytest.mark.parametrize("yaml_path", [YAML, FIX / "official-xvlm-small" / "Grounding_bbox.yaml"],
+                         ids=["beit2", "swin"])
 def test_uninitialised_build_computes_every_buffer_no_checkpoint_carries(yaml_path):
     """Official checkpoints load into a model built without random init; the buffers they do not carry
     (relative_position_index, k_bias, Swin's attn_mask) must equal those of an ordinary build."""
