@@ -18,7 +18,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 # command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
-LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench"}
+LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench", "index": "xvlm.index",
+                 "search": "xvlm.retrieval"}
 HEATMAP_KEYS = ("patch_heatmap", "region_mask")
 
 USAGE = """usage: python -m xvlm <command> [args]
@@ -28,6 +29,7 @@ commands:
   train    train a model (xvlm.train)
   eval     evaluate a model (xvlm.evaluate)
   bench    benchmark a model (xvlm.bench)
+  index    index a folder of images for search; search  search an index by phrase (xvlm.search_cli)
 """
 
 

@@ -106,8 +106,10 @@ class GalleryIndex:
 
     # --- persistence --------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: str | Path, g) -> "GalleryIndex":
+    def create(cls, root: str | Path, g, source: dict | None = None) -> "GalleryIndex":
         ident = model_identity(g)
+        if source:
+            ident["source"] = source        # how `python -m xvlm search` loads the model again
         return cls(root, ident, np.zeros((0, ident["embed_dim"]), np.float32), [])
 
     @classmethod
@@ -241,15 +243,16 @@ def as_index(index) -> GalleryIndex:
     return index if isinstance(index, GalleryIndex) else GalleryIndex.load(index)
 
 
-def open_or_create(root: str | Path, g) -> GalleryIndex:
+def open_or_create(root: str | Path, g, source: dict | None = None, allow_shards: bool = False) -> GalleryIndex:
     root = Path(root)
     if (root / MANIFEST).exists():
         idx = GalleryIndex.load(root)
         idx.check_model(g)
         return idx
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    others = [p for p in root.iterdir() if not (allow_shards and p.name == "shards")] if root.is_dir() else []
+    if (root.exists() and not root.is_dir()) or others:
         raise IndexError_(f"{root} exists and is not a gallery index: choose a new folder for --out")
-    return GalleryIndex.create(root, g)
+    return GalleryIndex.create(root, g, source)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -269,13 +272,14 @@ def encode_vectors(g, images: list) -> np.ndarray:
 
 
 def index_images(g, images, index, batch_size: int = 8, save_every: int = 256, progress: bool = False,
-                 ids: list[str] | None = None, root_for_ids: str | Path | None = None) -> GalleryIndex:
+                 ids: list[str] | None = None, root_for_ids: str | Path | None = None,
+                 source: dict | None = None) -> GalleryIndex:
     """Add `images` (paths, PIL images or arrays) to the index folder `index` (created if new) and save it. Paths
     already in the index are skipped unread (resume), images with pixels already indexed are reported once as
     duplicates, unreadable ones skipped with the reason; nothing is written if the result would be empty. Saved every
     `save_every` new images, so an interrupted run resumes. The report is `index.report`."""
     from .grounder import _Pixels
-    idx = index if isinstance(index, GalleryIndex) else open_or_create(index, g)
+    idx = index if isinstance(index, GalleryIndex) else open_or_create(index, g, source)
     idx.check_model(g)
     images = list(images)
     rep = Report()
@@ -383,20 +387,25 @@ def shard_dir(root: str | Path) -> Path:
 
 
 def write_shard(g, paths: list[Path], root: str | Path, rank: int, world: int, batch_size: int = 8,
-                progress: bool = False, root_for_ids=None) -> Path:
-    """Rank `rank` of `world` encodes paths[rank::world] into its own shard index under INDEX/shards/."""
+                progress: bool = False, root_for_ids=None, source: dict | None = None) -> Report:
+    """Rank `rank` of `world` encodes paths[rank::world] into its own shard index under INDEX/shards/; returns its
+    report (duplicates within its share, unreadable files)."""
     out = shard_dir(root) / f"rank{rank:05d}-of-{world:05d}"
     mine = paths[rank::world]
-    if mine:
-        index_images(g, mine, out, batch_size=batch_size, progress=progress and rank == 0, root_for_ids=root_for_ids)
-    return out
+    if not mine:
+        return Report()
+    try:
+        return index_images(g, mine, out, batch_size=batch_size, progress=progress and rank == 0,
+                            root_for_ids=root_for_ids, source=source).report
+    except InputError as e:           # a share with no readable image: the other ranks may still have some
+        return Report(skipped=[(str(p), str(e)) for p in mine])
 
 
-def merge_shards(g, root: str | Path) -> GalleryIndex:
+def merge_shards(g, root: str | Path, source: dict | None = None) -> GalleryIndex:
     """Fold every shard under INDEX/shards/ into INDEX (duplicates across shards reported once), then remove them."""
     import shutil
     shards = sorted(p for p in shard_dir(root).glob("rank*") if (p / MANIFEST).is_file())
-    idx = open_or_create_allowing_shards(root, g)
+    idx = open_or_create(root, g, source, allow_shards=True)
     rep = Report()
     for s in shards:
         part = GalleryIndex.load(s)
@@ -426,13 +435,12 @@ def merge_shards(g, root: str | Path) -> GalleryIndex:
     return idx
 
 
-def open_or_create_allowing_shards(root, g) -> GalleryIndex:
-    root = Path(root)
-    if (root / MANIFEST).exists():
-        idx = GalleryIndex.load(root)
-        idx.check_model(g)
-        return idx
-    return GalleryIndex.create(root, g)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m xvlm index` (xvlm.search_cli)."""
+    from .search_cli import index_main
+    return index_main(argv)
 
 
 __all__ = ["GalleryIndex", "VectorSearch", "Report", "IndexError_", "index_images", "model_identity", "as_index",

@@ -291,5 +291,11 @@ def _retrieval_models(g: "Grounder"):
     return itc_m, itm_m
 
 
+def main(argv: list[str]) -> int:
+    """`python -m xvlm search` (xvlm.search_cli)."""
+    from .search_cli import search_main
+    return search_main(argv)
+
+
 __all__ = ["RetrievalScores", "Hit", "TextHit", "retrieval_scores", "retrieval_metrics", "search", "search_texts",
            "pad_max_length", "NOT_RERANKED"]
