@@ -348,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder (default: the shipped weights/xvlm-shapes)")
     p.add_argument("--scenes", type=int, default=300)
-    p.add_argument("--retrieval", type=int, default=100, help="candidates per retrieval task")
+    p.add_argument("--retrieval", type=int, nargs="?", const=-1, default=100,
+                   help="candidates per retrieval task; given without a number: only retrieval with X-VLM's protocol "
+                        "(ITM re-ranked TR/IR R@1/5/10 at image and region granularity, xvlm.retrieval_eval) on the "
+                        "first --scenes scenes")
+    p.add_argument("--k-test", type=int, default=16, help="with --retrieval alone: ITC candidates re-ranked by ITM")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -356,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also fit linear read-outs of object boxes and shapes from concept features (diagnostics)")
     args = p.parse_args(argv)
     g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
+    if args.retrieval == -1:
+        from .retrieval_eval import run
+        return run(g, args.scenes, args.seed, args.k_test, args.json)
     report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)
     print(format_report(report))
     if args.json:

@@ -85,15 +85,18 @@ def image_embed(g: "Grounder", tokens: torch.Tensor, model) -> torch.Tensor:
         return model.image_features(tokens[0, 0]).float()
 
 
-def itm_logits(g: "Grounder", model, text: TextFeatures, text_rows, image_tokens: list[torch.Tensor]) -> torch.Tensor:
+def itm_logits(g: "Grounder", model, text: TextFeatures, text_rows, image_tokens: list[torch.Tensor],
+               image_masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """ITM logits itm_head(fused [CLS]) [n, 2] of pairs (text_rows[j], image_tokens[j]), fused in chunks; column 1 is
-    the match logit the official protocol ranks by."""
+    the match logit the official protocol ranks by. `image_masks[j]` [1, 1+N] restricts pair j's cross-attention to a
+    visual concept's patches (None: the whole image, as the official image retrieval)."""
     out = []
     with g._inference():
         for s in range(0, len(text_rows), FUSION_BATCH):
             rows = torch.as_tensor(text_rows[s:s + FUSION_BATCH], dtype=torch.long, device=text.hidden.device)
             images = torch.cat(image_tokens[s:s + FUSION_BATCH]).to(text.hidden.dtype)
-            fused = model.fuse(text.hidden[rows], text.mask[rows], images)
+            masks = None if image_masks is None else torch.cat(image_masks[s:s + FUSION_BATCH]).to(images.device)
+            fused = model.fuse(text.hidden[rows], text.mask[rows], images, masks)
             out.append(model.itm_logits(fused).float())
     return torch.cat(out) if out else torch.empty(0, 2)
 
@@ -130,21 +133,36 @@ def retrieval_scores(g: "Grounder", images, texts: list[str], k_test: int = 256,
     for px in pixels:
         img_embeds.append(image_embed(g, g._encode(px, itc_m).tokens, itc_m))
         img_tokens.append(g._encode(px, itm_m).tokens)
-    sims = torch.stack(img_embeds) @ text_itc.embeds.T          # [I, T]
+    scores = official_scores(g, itm_m, torch.stack(img_embeds), img_tokens, None, text_itc, text_itm, k_test)
+    with g._lock:
+        g.cache.trim()
+    return scores
+
+
+def official_scores(g: "Grounder", itm_m, visual_embeds: torch.Tensor, visual_tokens: list[torch.Tensor],
+                    visual_masks: list[torch.Tensor] | None, text_itc: TextFeatures, text_itm: TextFeatures,
+                    k_test: int) -> RetrievalScores:
+    """The two stages of `evaluation()` for any visual candidates (images, or box concepts with their fusion masks):
+    ITC matrix, then each row's / column's top-k_test re-scored by the ITM match logit, -100 elsewhere."""
+    sims = visual_embeds @ text_itc.embeds.T          # [I, T]
     n_img, n_txt = sims.shape
     i2t = torch.full((n_img, n_txt), NOT_RERANKED)
     t2i = torch.full((n_txt, n_img), NOT_RERANKED)
     i2t_topk = sims.topk(k_test, dim=1).indices.cpu()           # [I, k]
     t2i_topk = sims.T.topk(k_test, dim=1).indices.cpu()         # [T, k]
-    # i2t: image i with each of its top-k texts; t2i: text t with each of its top-k images (same fusion, other pairs)
+
+    def masks(ids):
+        return None if visual_masks is None else [visual_masks[i] for i in ids]
+
+    # i2t: candidate i with each of its top-k texts; t2i: text t with each of its top-k candidates
+    vis = [i for i in range(n_img) for _ in range(k_test)]
     rows = [int(t) for i in range(n_img) for t in i2t_topk[i]]
-    logits = itm_logits(g, itm_m, text_itm, rows, [img_tokens[i] for i in range(n_img) for _ in range(k_test)])
+    logits = itm_logits(g, itm_m, text_itm, rows, [visual_tokens[i] for i in vis], masks(vis))
     i2t[torch.arange(n_img).repeat_interleave(k_test), i2t_topk.reshape(-1)] = logits[:, 1].cpu()
     rows = [t for t in range(n_txt) for _ in range(k_test)]
-    logits = itm_logits(g, itm_m, text_itm, rows, [img_tokens[int(i)] for t in range(n_txt) for i in t2i_topk[t]])
+    vis = [int(i) for t in range(n_txt) for i in t2i_topk[t]]
+    logits = itm_logits(g, itm_m, text_itm, rows, [visual_tokens[i] for i in vis], masks(vis))
     t2i[torch.arange(n_txt).repeat_interleave(k_test), t2i_topk.reshape(-1)] = logits[:, 1].cpu()
-    with g._lock:
-        g.cache.trim()
     return RetrievalScores(sims.cpu().numpy(), i2t.numpy(), t2i.numpy(), i2t_topk.numpy(), t2i_topk.numpy(), k_test,
                            text_itc.captions)
 
