@@ -72,3 +72,21 @@ def test_eval_retrieval_command_prints_both_granularities(g, tmp_path, capsys, m
     assert set(report["retrieval_protocol"]) == {"image", "region"}
     assert all(0 <= report["retrieval_protocol"]["image"][k] <= 100 for k in ("txt_r1", "img_r1"))
     assert np.isfinite(report["retrieval_protocol"]["region"]["r_mean"])
+
+
+def test_official_retrieval_test_file_gives_the_official_recall(capsys, tmp_path):
+    """`eval --retrieval --re-json` on the fixture's re_test.json (the official re_eval_dataset format) with the
+    fixture checkpoint: the recall the official Retrieval.py evaluation gave (stable tie order)."""
+    r = json.loads((F / "retrieval.json").read_text())
+    out = tmp_path / "re.json"
+    code = eval_main(["--retrieval", "--re-json", str(F / "gallery" / "re_test.json"), "--image-root", str(F),
+                      "--k-test", "5", "--checkpoint", str(F / "checkpoint.pth"), "--config",
+                      str(F / "Grounding_bbox.yaml"), "--tokenizer", str(F / "vocab.txt"), "--device", "cpu",
+                      "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["n_images"] == 7 and report["n_texts"] == 14 and report["k_test"] == 5
+    for key, value in r["ranks"]["recall_stable_argsort"].items():
+        assert report[key] == pytest.approx(value), key
+    with pytest.raises(ValueError, match="not an official retrieval test file"):
+        re_eval.load_re_json(F / "retrieval.json")

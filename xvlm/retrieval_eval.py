@@ -101,6 +101,60 @@ def format_retrieval(report: dict) -> str:
     return "\n".join(lines)
 
 
+def load_re_json(path: str | Path, image_root: str | Path = "") -> tuple[list[Path], list[str], list[int], list[list[int]]]:
+    """An official retrieval test file (`re_eval_dataset`: a list of {"image": relative path, "caption": [...]}, e.g.
+    flickr30k_test.json, coco_test.json) -> image paths, captions in annotation order, txt2img, img2txt."""
+    try:
+        anns = json.loads(Path(path).read_text())
+        images, texts, txt2img, img2txt = [], [], [], []
+        for i, ann in enumerate(anns):
+            captions = ann["caption"] if isinstance(ann["caption"], list) else [ann["caption"]]
+            images.append(Path(image_root) / ann["image"])
+            img2txt.append(list(range(len(texts), len(texts) + len(captions))))
+            texts += captions
+            txt2img += [i] * len(captions)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not an official retrieval test file (list of image + caption list): {e}") from e
+    return images, texts, txt2img, img2txt
+
+
+def evaluate_re_json(g, path, image_root="", k_test: int = 256) -> dict:
+    """X-VLM's `Retrieval.py --evaluate` on an official test file: TR / IR R@1/5/10 (k_test 256 for Flickr30K in the
+    official configs, 256 for COCO)."""
+    images, texts, txt2img, img2txt = load_re_json(path, image_root)
+    s = g.retrieval_scores(images, texts, k_test=min(k_test, len(images)))
+    return {"file": str(path), "n_images": len(images), "n_texts": len(texts), "k_test": s.k_test,
+            **retrieval_metrics(s.i2t, s.t2i, txt2img, img2txt)}
+
+
+def add_arguments(p) -> None:
+    """`python -m xvlm eval --retrieval` options (xvlm.evaluate's parser)."""
+    p.add_argument("--re-json", metavar="JSON", help="with --retrieval: an official retrieval test file (e.g. "
+                   "flickr30k_test.json) instead of the synthetic scenes; --k-test defaults to 256 then")
+    p.add_argument("--image-root", default="", help="folder the --re-json image paths are relative to")
+    p.add_argument("--checkpoint", help="with --retrieval: an official checkpoint (with --config/--preset, --tokenizer)")
+    p.add_argument("--config", help="the official task YAML of --checkpoint")
+    p.add_argument("--preset", help="a built-in configuration for --checkpoint")
+    p.add_argument("--tokenizer", help="bert-base-uncased vocab.txt (or its folder) for --checkpoint")
+
+
+def main(args) -> int:
+    """The retrieval-only eval: synthetic scenes with the shipped (or --model) model, or --re-json with any model."""
+    from .grounder import Grounder
+    if args.checkpoint:
+        g = Grounder.from_official(args.checkpoint, config=args.config, preset=args.preset, tokenizer=args.tokenizer,
+                                   device=args.device)
+    else:
+        g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
+    if args.re_json:
+        report = {"model": g.name, **evaluate_re_json(g, args.re_json, args.image_root, args.k_test or 256)}
+        print(json.dumps(report, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0
+    return run(g, args.scenes, args.seed, args.k_test or K_TEST, args.json)
+
+
 def run(g, scenes_n: int, seed: int, k_test: int = K_TEST, json_path: str | None = None) -> int:
     from .evaluate import eval_scenes
     scenes = eval_scenes(scenes_n, seed)
@@ -112,4 +166,4 @@ def run(g, scenes_n: int, seed: int, k_test: int = K_TEST, json_path: str | None
     return 0
 
 
-__all__ = ["evaluate_retrieval", "image_retrieval", "region_retrieval", "format_retrieval", "run"]
+__all__ = ["evaluate_re_json", "load_re_json", "evaluate_retrieval", "image_retrieval", "region_retrieval", "format_retrieval", "run"]
