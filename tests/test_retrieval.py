@@ -253,3 +253,17 @@ def test_approximate_search_reports_recall_against_exact():
     assert 0.8 < r <= 1.0
     rows, sims = exact.search(q[:1], 5)
     np.testing.assert_allclose(sims[0], np.sort(x @ q[0])[::-1][:5], atol=1e-5)
+    np.testing.assert_allclose(x[rows[0]] @ q[0], sims[0], atol=1e-5)
+
+
+def test_an_index_past_the_exact_threshold_searches_approximately_and_reports_recall(monkeypatch):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3000, 16)).astype(np.float32) + 4 * np.repeat(np.eye(16, dtype=np.float32)[:10], 300, 0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx = gindex.GalleryIndex("unused", {"embed_dim": 16}, x, [{"id": str(i), "path": None, "pixels_sha1": str(i)}
+                                                                 for i in range(3000)])
+    assert idx.ann_recall() == 1.0                       # exact below the threshold
+    monkeypatch.setattr(gindex, "EXACT_MAX", 1000)
+    idx._search = None
+    assert not idx.searcher.exact and idx.searcher.kind.startswith("ivf")
+    assert 0.9 <= idx.ann_recall() <= 1.0

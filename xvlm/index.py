@@ -187,11 +187,24 @@ class GalleryIndex:
         return self._by_digest.get(digest)
 
     # --- search ---------------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and inner products of the top-k vectors per query, best first."""
+    @property
+    def searcher(self) -> "VectorSearch":
         if self._search is None:
             self._search = VectorSearch(self.vectors)
-        return self._search.search(queries, k)
+        return self._search
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and inner products of the top-k vectors per query, best first."""
+        return self.searcher.search(queries, k)
+
+    def ann_recall(self, k: int = 10, n_queries: int = 100, seed: int = 0) -> float:
+        """Recall@k of the ITC search against exact search, for queries near indexed vectors (1.0 when exact)."""
+        if self.searcher.exact:
+            return 1.0
+        rng = np.random.default_rng(seed)
+        q = self.vectors[rng.choice(len(self), size=min(n_queries, len(self)), replace=False)]
+        q = q + rng.normal(scale=0.1 / np.sqrt(q.shape[1]), size=q.shape).astype(np.float32)
+        return self.searcher.recall(q / np.linalg.norm(q, axis=1, keepdims=True), min(k, len(self)))
 
 
 # --- FAISS ----------------------------------------------------------------------------------------------------------
@@ -199,12 +212,12 @@ class VectorSearch:
     """Inner-product top-k over normalised vectors: exact (`IndexFlatIP`) up to `exact_max` vectors, else IVF-Flat
     with ~4 sqrt(N) lists, trained on a sample, probing `nprobe` lists per query."""
 
-    def __init__(self, vectors: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = IVF_NPROBE,
+    def __init__(self, vectors: np.ndarray, exact_max: int | None = None, nprobe: int = IVF_NPROBE,
                  nlist: int | None = None, train_size: int = 100_000, seed: int = 0):
         import faiss
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         n, d = x.shape
-        self.exact = n <= exact_max
+        self.exact = n <= (EXACT_MAX if exact_max is None else exact_max)
         if self.exact:
             self.index = faiss.IndexFlatIP(d)
         else:

@@ -115,6 +115,9 @@ class RetrievalScores:
 
 def retrieval_scores(g: "Grounder", images, texts: list[str], k_test: int = 256,
                      text_batch_size: int = 256) -> RetrievalScores:
+    """X-VLM's `Retrieval.py` `evaluation()` on `images` (paths, PIL images or arrays) and `texts`: the ITC matrix and
+    the i2t / t2i score matrices (ITM match logits at each query's ITC top-k_test, -100 elsewhere). A k_test larger
+    than the gallery or the text list is refused, as the official code's topk would fail."""
     itc_m, itm_m = _retrieval_models(g)
     images = list(images)
     if not images:
@@ -259,18 +262,25 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
     text = encode_texts(g, [phrase], itc_m)
     rows, sims = index.search(text.embeds.cpu().numpy(), n_cand)
     rows, sims = rows[0], sims[0]
+    opened: dict[int, _Pixels] = {}          # each candidate's file decoded and hashed once per search
+
+    def pixels(row: int) -> _Pixels:
+        if row not in opened:
+            opened[row] = index.open(row)
+        return opened[row]
+
     reranked: dict[int, float] = {}
     if rerank:
         text_itm = text if itm_m is itc_m else encode_texts(g, [phrase], itm_m)
-        tokens = [g._encode(_Pixels.of(index.open(int(r))), itm_m).tokens for r in rows[:rerank]]
+        tokens = [g._encode(pixels(int(r)), itm_m).tokens for r in rows[:rerank]]
         logits = itm_logits(g, itm_m, text_itm, [0] * len(tokens), tokens)[:, 1].cpu().numpy()
         reranked = {j: float(v) for j, v in enumerate(logits)}
     hits = []
     for rank, j in enumerate(_order(sims, reranked)[:k], 1):
         r = int(rows[j])
-        hit = Hit(rank, index.ids[r], index.paths[r], float(sims[j]), reranked.get(j), None)
+        hit = Hit(rank, index.items[r]["id"], index.file(r), float(sims[j]), reranked.get(j), None)
         if ground:
-            res = g.ground(index.open(r), phrase)
+            res = g.ground(pixels(r), phrase)
             hit.grounding, hit.box_xyxy, hit.itm = res, res.box_xyxy, res.itm
             hit.notes.update(res.notes)
         hits.append(hit)

@@ -173,6 +173,9 @@ def format_hits(hits, phrase: str, idx) -> str:
     for h in hits:
         box = "-" if h.box_xyxy is None else "{:.0f},{:.0f},{:.0f},{:.0f}".format(*h.box_xyxy)
         lines.append(f"{h.rank:>4}  {_f(h.itm_logit):>9}  {_f(h.itm):>6}  {_f(h.itc):>6}  {box:<26}  {h.id}")
+    if not idx.searcher.exact:
+        lines.insert(1, f"ITC stage: approximate search ({idx.searcher.kind}), recall@10 against exact search "
+                        f"{idx.ann_recall():.3f} on 100 queries near indexed images")
     notes = {v for h in hits for v in h.notes.values()}
     lines += [""] + [f"note: {n}" for n in sorted(notes)] if notes else []
     lines += ["", "ranked by the ITM match logit (hits past --rerank by ITC, ITM logit '-'), as X-VLM's retrieval "
