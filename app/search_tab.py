@@ -91,8 +91,8 @@ def _fmt(v, spec=".3f"):
     return "–" if v is None else format(v, spec)
 
 
-def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERANK, indexes: GalleryIndexes | None = None,
-                   lock=None, use_examples: bool = True, assets_dir=ASSETS):
+def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERANK,
+                   indexes: GalleryIndexes | None = None, lock=None, use_examples: bool = True, assets_dir=ASSETS):
     """-> (gallery items [(RGB array with the box, caption)], table rows, status markdown, hits as [(path, phrase)]).
     Never raises for user errors: they come back as the status message with empty outputs."""
     from xvlm.search_cli import hit_image

@@ -1,4 +1,4 @@
-"""The gallery index's ITC stage at scale: FAISS over synthetic ITC vectors, the way `xvlm.index.VectorSearch` builds it.
+"""The gallery index's ITC stage at scale: FAISS over synthetic ITC vectors, as `xvlm.index.VectorSearch` builds it.
 
     python benchmarks/ann.py [--n 1000000] [--dim 256] [--centres 10000] [--queries 500] [--threads 2]
                              [--nprobe 16,32,64,128] [--markdown benchmarks/RESULTS.md]

@@ -59,7 +59,8 @@ def test_index_reports_resumes_and_search_prints_hits(capsys, folder, tmp_path):
     # search loads the model recorded in the index when none is given
     code, text, err = run(capsys, "search", out, "a tiny black square", "--k", "3", "--rerank", "4")
     assert code == 0, err
-    assert "ITM logit" in text and len([ln for ln in text.splitlines() if ln.strip().startswith(("1 ", "2 ", "3 "))]) == 3
+    ranked = [ln for ln in text.splitlines() if ln.strip().startswith(("1 ", "2 ", "3 "))]
+    assert "ITM logit" in text and len(ranked) == 3
     code, text, err = run(capsys, "search", out, "a tiny black square", "--k", "3", "--rerank", "4", "--json",
                           "--out", tmp_path / "sheet.png", *MODEL)
     assert code == 0, err

@@ -10,19 +10,21 @@ Official protocol (`retrieval_scores`):
          entries are -100. t2i: the same per text over images.
 `retrieval_metrics` turns the two score matrices into TR / IR R@1/5/10 as `itm_eval`.
 
-Search (`search`, `search_texts`): the same two stages for one query, ITC over the index's vectors (FAISS, `xvlm.index`),
-then the top `rerank` images re-encoded from their files through the Grounder's image-encoding cache and ranked by the
-ITM logit; each returned hit is then grounded (box, heatmap, ITM probability) as in the grounding view.
+Search (`search`, `search_texts`): the same two stages for one query, ITC over the index's vectors (FAISS,
+`xvlm.index`), then the top `rerank` images re-encoded from their files through the Grounder's image-encoding cache
+and ranked by the ITM logit; each returned hit is then grounded (box, heatmap, ITM probability) as in the grounding
+view.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .grounder import NO_ITC, NO_ITM, _check_phrases, _Pixels
 from .preprocess import InputError, TextBatch, check_phrase
 
 if TYPE_CHECKING:
@@ -37,7 +39,8 @@ FUSION_BATCH = 64          # (text, image) pairs per fusion forward: bounds memo
 # --- text and image features, as the official evaluation computes them ----------------------------------------------
 def pad_max_length(batch: TextBatch, max_tokens: int, pad_id: int) -> TextBatch:
     """The official retrieval's `padding='max_length'`: every row padded with [PAD] (mask 0) to max_tokens. Our
-    tokenizer already truncates to max_tokens (keeping [CLS] + max_tokens-1 pieces, no [SEP]) and pads to the longest."""
+    tokenizer already truncates to max_tokens (keeping [CLS] + max_tokens-1 pieces, no [SEP]) and pads to the
+    longest row."""
     n, length = batch.input_ids.shape
     ids = torch.full((n, max_tokens), pad_id, dtype=batch.input_ids.dtype)
     mask = torch.zeros((n, max_tokens), dtype=batch.attention_mask.dtype)
@@ -114,7 +117,7 @@ class RetrievalScores:
 
 
 def retrieval_scores(g: "Grounder", images, texts: list[str], k_test: int = 256,
-                     text_batch_size: int = 256) -> RetrievalScores:
+                     text_batch_size: int = 256, progress: bool = False) -> RetrievalScores:
     """X-VLM's `Retrieval.py` `evaluation()` on `images` (paths, PIL images or arrays) and `texts`: the ITC matrix and
     the i2t / t2i score matrices (ITM match logits at each query's ITC top-k_test, -100 elsewhere). A k_test larger
     than the gallery or the text list is refused, as the official code's topk would fail."""
@@ -128,12 +131,11 @@ def retrieval_scores(g: "Grounder", images, texts: list[str], k_test: int = 256,
         # the official evaluation's torch.topk raises here; say so instead
         raise InputError(f"k_test={k_test} is larger than the gallery ({len(images)} images, {len(texts)} texts); "
                          "the official protocol re-ranks k_test candidates in both directions")
-    from .grounder import _Pixels
-    pixels = [_Pixels.of(im) for im in images]          # every image decoded (and checked) before any encoding
     text_itc = encode_texts(g, texts, itc_m, text_batch_size)
     text_itm = text_itc if itm_m is itc_m else encode_texts(g, texts, itm_m, text_batch_size)
     img_embeds, img_tokens = [], []
-    for px in pixels:
+    for image in tqdm(images, desc="encoding images", unit="img", disable=not progress):
+        px = _Pixels.of(image)                          # decoded one at a time: a 5K gallery does not fit decoded
         img_embeds.append(image_embed(g, g._encode(px, itc_m).tokens, itc_m))
         img_tokens.append(g._encode(px, itm_m).tokens)
     scores = official_scores(g, itm_m, torch.stack(img_embeds), img_tokens, None, text_itc, text_itm, k_test)
@@ -249,7 +251,6 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
            ground: bool = True) -> list[Hit]:
     """The top-k gallery images for `phrase`: ITC over the index (FAISS), the top `rerank` (clamped to the gallery)
     re-encoded from their files and ranked by the ITM logit, then each returned hit grounded."""
-    from .grounder import _check_phrases, _Pixels
     (phrase,) = _check_phrases([phrase])
     itc_m, itm_m = _retrieval_models(g)
     index.check_model(g)
@@ -289,7 +290,6 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
 
 def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None, rerank: int = 16) -> list[TextHit]:
     """Image -> text: rank `texts` for one image, ITC first, the top `rerank` re-scored by the ITM logit."""
-    from .grounder import _Pixels
     itc_m, itm_m = _retrieval_models(g)
     px = _Pixels.of(image)
     text = encode_texts(g, texts, itc_m)
@@ -310,7 +310,6 @@ def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None, r
 
 
 def _retrieval_models(g: "Grounder"):
-    from .grounder import NO_ITC, NO_ITM
     itc_m, itm_m = g._itc_model, g._itm_model
     if itc_m is None:
         raise RuntimeError(f"retrieval needs ITC features: {NO_ITC}")

@@ -101,7 +101,8 @@ def format_retrieval(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_re_json(path: str | Path, image_root: str | Path = "") -> tuple[list[Path], list[str], list[int], list[list[int]]]:
+def load_re_json(path: str | Path, image_root: str | Path = ""
+                 ) -> tuple[list[Path], list[str], list[int], list[list[int]]]:
     """An official retrieval test file (`re_eval_dataset`: a list of {"image": relative path, "caption": [...]}, e.g.
     flickr30k_test.json, coco_test.json) -> image paths, captions in annotation order, txt2img, img2txt."""
     try:
@@ -122,7 +123,8 @@ def evaluate_re_json(g, path, image_root="", k_test: int = 256) -> dict:
     """X-VLM's `Retrieval.py --evaluate` on an official test file: TR / IR R@1/5/10 (k_test 256 for Flickr30K in the
     official configs, 256 for COCO)."""
     images, texts, txt2img, img2txt = load_re_json(path, image_root)
-    s = g.retrieval_scores(images, texts, k_test=min(k_test, len(images)))
+    from .retrieval import retrieval_scores
+    s = retrieval_scores(g, images, texts, k_test=min(k_test, len(images)), progress=True)
     return {"file": str(path), "n_images": len(images), "n_texts": len(texts), "k_test": s.k_test,
             **retrieval_metrics(s.i2t, s.t2i, txt2img, img2txt)}
 
@@ -132,7 +134,8 @@ def add_arguments(p) -> None:
     p.add_argument("--re-json", metavar="JSON", help="with --retrieval: an official retrieval test file (e.g. "
                    "flickr30k_test.json) instead of the synthetic scenes; --k-test defaults to 256 then")
     p.add_argument("--image-root", default="", help="folder the --re-json image paths are relative to")
-    p.add_argument("--checkpoint", help="with --retrieval: an official checkpoint (with --config/--preset, --tokenizer)")
+    p.add_argument("--checkpoint",
+                   help="with --retrieval: an official checkpoint (with --config or --preset, and --tokenizer)")
     p.add_argument("--config", help="the official task YAML of --checkpoint")
     p.add_argument("--preset", help="a built-in configuration for --checkpoint")
     p.add_argument("--tokenizer", help="bert-base-uncased vocab.txt (or its folder) for --checkpoint")
@@ -166,4 +169,5 @@ def run(g, scenes_n: int, seed: int, k_test: int = K_TEST, json_path: str | None
     return 0
 
 
-__all__ = ["evaluate_re_json", "load_re_json", "evaluate_retrieval", "image_retrieval", "region_retrieval", "format_retrieval", "run"]
+__all__ = ["evaluate_re_json", "load_re_json", "evaluate_retrieval", "image_retrieval", "region_retrieval",
+           "format_retrieval", "run"]
