@@ -267,3 +267,25 @@ def test_an_index_past_the_exact_threshold_searches_approximately_and_reports_re
     idx._search = None
     assert not idx.searcher.exact and idx.searcher.kind.startswith("ivf")
     assert 0.9 <= idx.ann_recall() <= 1.0
+
+
+def test_the_approximate_index_is_saved_beside_the_vectors_and_reused(g, tmp_path, monkeypatch):
+    monkeypatch.setattr(gindex, "EXACT_MAX", 3)
+    root = tmp_path / "idx"
+    g.index_images(IMAGES[:5], root)
+    idx = gindex.GalleryIndex.load(root)
+    before = idx.search(np.asarray(R["text_embeds"][:2], np.float32), 3)
+    (ann,) = root.glob("ivf-*.faiss")
+    assert ann.name == f"ivf-{idx.vectors_sha256[:16]}.faiss"
+    built = []
+    real_init = gindex.VectorSearch.__init__
+    monkeypatch.setattr(gindex.VectorSearch, "__init__",
+                        lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
+    again = gindex.GalleryIndex.load(root)
+    after = again.search(np.asarray(R["text_embeds"][:2], np.float32), 3)
+    assert built == [] and not again.searcher.exact                 # read from the file, not rebuilt
+    np.testing.assert_array_equal(before[0], after[0])
+    ann.write_bytes(b"damaged")
+    assert gindex.GalleryIndex.load(root).searcher.index.ntotal == 5 and built == [1]   # a damaged cache is rebuilt
+    g.index_images(IMAGES[5:], root)                                # new vectors: the stale IVF file goes
+    assert not list(root.glob("ivf-*.faiss"))

@@ -4,6 +4,8 @@
                                    image: id, path, size (W, H), sha1 of the decoded pixels (the cache key)
     INDEX/vectors-<sha>.safetensors  "vectors" [N, D] float32, rows in manifest order
     INDEX/images/<sha1>.png        images given in memory (not as files), so re-ranking can re-encode them
+    INDEX/ivf-<sha>.faiss          the approximate ITC index of those vectors (past EXACT_MAX), built on first search:
+                                   a cache, rebuilt when missing, stale or unreadable
 
 Token maps are not stored (a 12x12 grid of 256-d tokens per image is ~150x the vector): re-ranking re-encodes the top
 candidates from their files. Writes are atomic (a new vectors file, then the manifest replaced by rename), so an
@@ -77,6 +79,7 @@ class GalleryIndex:
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.items = items
         self.report = Report()
+        self.vectors_sha256: str | None = None     # of the saved vectors file: names the persisted FAISS index
         self._search = None
         self._by_digest = {it["pixels_sha1"]: it["id"] for it in items}
         self._paths = {it["path"] for it in items if it["path"]}
@@ -141,7 +144,9 @@ class GalleryIndex:
         if vectors.shape != (len(items), model.get("embed_dim")):
             raise IndexError_(f"corrupted index {root}: {vectors.shape[0]} vectors of width {vectors.shape[1]} for "
                               f"{len(items)} images of width {model.get('embed_dim')}")
-        return cls(root, model, vectors, items)
+        idx = cls(root, model, vectors, items)
+        idx.vectors_sha256 = man["vectors_sha256"]
+        return idx
 
     def save(self) -> None:
         """Atomically: the vectors under a new content-addressed name, then the manifest by rename."""
@@ -162,6 +167,10 @@ class GalleryIndex:
         _atomic_write(self.root / MANIFEST, (json.dumps(man, indent=1) + "\n").encode())
         if old and old != vname and (self.root / old).is_file():
             (self.root / old).unlink()
+        self.vectors_sha256 = digest
+        for stale in self.root.glob("ivf-*.faiss"):
+            if stale.name != self._ann_file().name:
+                stale.unlink()
 
     def check_model(self, g) -> None:
         ident = model_identity(g)
@@ -187,10 +196,24 @@ class GalleryIndex:
         return self._by_digest.get(digest)
 
     # --- search ---------------------------------------------------------------------------------------------------
+    def _ann_file(self) -> Path:
+        return self.root / f"ivf-{(self.vectors_sha256 or 'unsaved')[:16]}.faiss"
+
     @property
     def searcher(self) -> "VectorSearch":
+        """Exact search up to EXACT_MAX vectors; past it the IVF index, read from INDEX/ivf-<sha>.faiss when a
+        previous search built it for these very vectors (minutes to build at 1M), else built and saved there."""
         if self._search is None:
-            self._search = VectorSearch(self.vectors)
+            path = self._ann_file() if self.vectors_sha256 else None
+            if len(self) > EXACT_MAX and path is not None and path.is_file():
+                try:
+                    self._search = VectorSearch.read(path, self.vectors)
+                except RuntimeError:          # unreadable cache: rebuilt below
+                    self._search = None
+            if self._search is None:
+                self._search = VectorSearch(self.vectors)
+                if not self._search.exact and path is not None and self.root.is_dir():
+                    self._search.write(path)
         return self._search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +233,7 @@ class GalleryIndex:
 # --- FAISS ----------------------------------------------------------------------------------------------------------
 class VectorSearch:
     """Inner-product top-k over normalised vectors: exact (`IndexFlatIP`) up to `exact_max` vectors, else IVF-Flat
-    with ~4 sqrt(N) lists, trained on a sample, probing `nprobe` lists per query."""
+    with ~4 sqrt(N) lists (at least 39 vectors each), trained on a sample, probing `nprobe` lists per query."""
 
     def __init__(self, vectors: np.ndarray, exact_max: int | None = None, nprobe: int = IVF_NPROBE,
                  nlist: int | None = None, train_size: int = 100_000, seed: int = 0):
@@ -221,7 +244,7 @@ class VectorSearch:
         if self.exact:
             self.index = faiss.IndexFlatIP(d)
         else:
-            nlist = nlist or int(4 * np.sqrt(n))
+            nlist = nlist or min(int(4 * np.sqrt(n)), max(1, n // 39))   # FAISS wants >= 39 training points a list
             self.quantizer = faiss.IndexFlatIP(d)
             self.index = faiss.IndexIVFFlat(self.quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
@@ -230,6 +253,24 @@ class VectorSearch:
             self.index.nprobe = nprobe
         self.index.add(x)
         self._vectors = x
+
+    @classmethod
+    def read(cls, path: Path, vectors: np.ndarray, nprobe: int = IVF_NPROBE) -> "VectorSearch":
+        """An IVF index written by `write` (FAISS raises RuntimeError on a damaged file)."""
+        import faiss
+        self = cls.__new__(cls)
+        self.exact, self._vectors = False, np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index = faiss.read_index(str(path))
+        if self.index.ntotal != len(vectors) or self.index.d != vectors.shape[1]:
+            raise RuntimeError(f"{path.name} holds {self.index.ntotal} vectors, the index {len(vectors)}")
+        self.index.nprobe = nprobe
+        return self
+
+    def write(self, path: Path) -> None:
+        import faiss
+        tmp = path.with_name(f".{path.name}.tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, path)
 
     @property
     def kind(self) -> str:
