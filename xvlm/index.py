@@ -213,7 +213,10 @@ class GalleryIndex:
             if self._search is None:
                 self._search = VectorSearch(self.vectors)
                 if not self._search.exact and path is not None and self.root.is_dir():
-                    self._search.write(path)
+                    try:
+                        self._search.write(path)
+                    except (OSError, RuntimeError):   # a read-only index: search works, the next load rebuilds
+                        pass
         return self._search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
