@@ -14,6 +14,7 @@ import gradio as gr
 
 from . import callbacks as cb
 from .models import ModelRegistry, ModelUnavailable
+from .search_tab import build_search_tab
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "X-VLM visual grounding"
@@ -212,6 +213,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
         if ex is not None:
             ex.load_input_event.then(**ev)
         clear_btn.add([image_in, phrases_in, annotated, status, itc_gallery, gradcam_gallery, scores, json_file])
+        build_search_tab(registry, image_in, phrases_in, ev, assets_dir)   # app/search_tab.py
         model_dd.change(model_changed, model_dd, [model_info, layer], api_visibility="private").then(**quiet)
         demo.load(model_changed, model_dd, [model_info, layer], api_visibility="private")
     return demo

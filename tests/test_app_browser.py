@@ -126,3 +126,16 @@ def test_example_objects_view_upload_and_a_bad_request(page, assets, tmp_path):
     page.locator("#ground-btn").click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('No phrase')")
     assert page.locator("#ground-btn").is_enabled()
+
+
+def test_search_tab_ranks_the_example_gallery_and_a_hit_opens_in_the_grounding_view(page):
+    page.get_by_role("tab", name="Search a gallery").click()
+    page.locator("#search-phrase textarea, #search-phrase input").first.fill("a red circle")
+    page.locator("#search-btn").click()
+    page.wait_for_function("() => document.querySelector('#search-status').innerText.includes('images for')")
+    thumbs = page.locator("#search-gallery .thumbnail-item img, #search-gallery img")
+    thumbs.first.wait_for(state="visible")
+    assert "ITM logit" in page.locator("#search-table").inner_text()
+    thumbs.first.click()                      # opens the hit with the phrase in the grounding view, and grounds it
+    page.wait_for_function("() => document.querySelector('#phrases-in textarea').value === 'a red circle'")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Grounded 1 phrase')")

@@ -77,9 +77,9 @@ def test_bad_requests_get_readable_errors_and_the_server_stays_up(client, tmp_pa
     assert ok["phrases"] == ["красный круг 😀"]
 
 
-def test_only_the_ground_endpoint_is_public_and_limits_are_set(server, client):
+def test_only_the_ground_and_search_endpoints_are_public_and_limits_are_set(server, client):
     demo = server[0]
-    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/ground"]
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/ground", "/search"]
     assert demo.max_file_size == 25 * 1024 * 1024
     assert demo._queue.max_size == cb.QUEUE_MAX_SIZE
     assert demo._queue.default_concurrency_limit == cb.QUEUE_CONCURRENCY

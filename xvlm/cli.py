@@ -18,7 +18,10 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 # command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
-LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench", "refcoco": "xvlm.refcoco"}
+# ("module:function" names another entry point than `main`)
+LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench",
+                 "refcoco": "xvlm.refcoco",
+                 "index": "xvlm.search_cli:index_main", "search": "xvlm.search_cli:search_main"}
 HEATMAP_KEYS = ("patch_heatmap", "region_mask")
 
 USAGE = """usage: python -m xvlm <command> [args]
@@ -29,6 +32,8 @@ commands:
   eval     evaluate a model (xvlm.evaluate)
   bench    benchmark a model (xvlm.bench)
   refcoco  the official RefCOCO+ box evaluation of an official checkpoint (xvlm.refcoco)
+  index    index a folder of images for search (xvlm.search_cli)
+  search   search an index by phrase (xvlm.search_cli)
 """
 
 
@@ -196,14 +201,14 @@ def ground_main(argv: list[str]) -> int:
 
 # --- dispatch ----------------------------------------------------------------------------------------------------
 def _run_lazy(command: str, argv: list[str]) -> int:
-    module_name = LAZY_COMMANDS[command]
+    module_name, _, function = LAZY_COMMANDS[command].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise
         return _fail(f"command {command!r} is not available in this installation ({module_name} is missing)")
-    code = module.main(argv)
+    code = getattr(module, function or "main")(argv)
     return 0 if code is None else int(code)
 
 

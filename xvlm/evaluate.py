@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .box_ops import paired_iou
+from . import retrieval_eval
 from .grounder import Grounder, GroundingResult
 
 EVAL_SEED = 10_000_019   # training draws scenes from np.random.default_rng([seed, rank, step, i]) with small seeds
@@ -348,13 +349,20 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder (default: the shipped weights/xvlm-shapes)")
     p.add_argument("--scenes", type=int, default=300)
-    p.add_argument("--retrieval", type=int, default=100, help="candidates per retrieval task")
+    p.add_argument("--retrieval", type=int, nargs="?", const=-1, default=100,
+                   help="candidates per retrieval task; given without a number: only retrieval with X-VLM's protocol "
+                        "(ITM re-ranked TR/IR R@1/5/10 at image and region granularity, xvlm.retrieval_eval) on the "
+                        "first --scenes scenes")
+    p.add_argument("--k-test", type=int, help="with --retrieval alone: ITC candidates re-ranked by ITM (default 16)")
+    retrieval_eval.add_arguments(p)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--probe", action="store_true",
                    help="also fit linear read-outs of object boxes and shapes from concept features (diagnostics)")
     args = p.parse_args(argv)
+    if args.retrieval == -1:
+        return retrieval_eval.main(args)
     g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
     report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)
     print(format_report(report))

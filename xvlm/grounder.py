@@ -405,6 +405,29 @@ class Grounder:
         grads = grads[:, :, :, 1:].clamp(min=0).reshape(1, probs.shape[1], -1, g, g) * keep
         return (cams * grads).mean(1).mean(1)[0].float().cpu().numpy()
 
+    # --- retrieval over a gallery (xvlm.retrieval, xvlm.index): these methods only delegate ----------------------
+    def retrieval_scores(self, images, texts: list[str], k_test: int = 256):
+        """The official `Retrieval.py` evaluation: ITC matrix [images x texts] and the ITM-logit re-ranked i2t / t2i
+        score matrices (-100 outside each query's ITC top-k_test). See `xvlm.retrieval.retrieval_scores`."""
+        from . import retrieval
+        return retrieval.retrieval_scores(self, images, texts, k_test=k_test)
+
+    def index_images(self, images, index=None, **kw):
+        """Encode images into a persisted gallery index (a folder), adding to `index` if given. See
+        `xvlm.index.index_images`."""
+        from . import index as gallery_index
+        return gallery_index.index_images(self, images, index=index, **kw)
+
+    def search(self, index, phrase: str, k: int = 10, rerank: int = 16, ground: bool = True):
+        """The gallery images `phrase` describes, best first, each with its ITC, ITM logit / probability and box."""
+        from . import index as gallery_index, retrieval
+        return retrieval.search(self, gallery_index.as_index(index), phrase, k=k, rerank=rerank, ground=ground)
+
+    def search_texts(self, image, texts: list[str], k: int | None = None, rerank: int = 16):
+        """Image -> text: `texts` ranked for `image` (ITC, then the top `rerank` by the ITM logit)."""
+        from . import retrieval
+        return retrieval.search_texts(self, image, texts, k=k, rerank=rerank)
+
 
 class _Pixels:
     """A decoded RGB image and the hash of its pixels (the cache key), computed once per call."""
