@@ -300,7 +300,7 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         view.objects_note = missing["objects"]
 
     view.scores = {"headers": SCORE_HEADERS, "data": [
-        [i + 1, r.phrase, _box_str(clip_box(r.box_xyxy, r.image_size)), _num(r.itc_image), _num(r.itc_region),
+        [i + 1, r.phrase, _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region),
          _num(r.itm)]
         for i, r in enumerate(results)]}
 
@@ -319,6 +319,9 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
             notes.append(f"Phrase {i + 1}: the model reads only its first {max_words} words ({words} given).")
         if "truncated" in r.notes:
             notes.append(f"Phrase {i + 1}: {r.notes['truncated']}.")
+        if "box_clipped" in r.notes:
+            notes.append(f"Phrase {i + 1}: the predicted box reached past the image's edges; it is drawn and "
+                         "exported clipped to the image (`box_xyxy`; the JSON keeps `box_xyxy_unclipped`).")
     notes += [v for k, v in missing.items()]
     view.message = "\n\n".join(notes)
     return view
@@ -341,7 +344,6 @@ def build_payload(g: Grounder, pil: Image.Image, results: list[GroundingResult],
         d = r.to_dict()
         d["index"] = i
         d["color"] = "#%02x%02x%02x" % color_for(i)
-        d["box_xyxy_clipped"] = clip_box(r.box_xyxy, r.image_size)
         if not g.capabilities["gradcam"]:
             d["gradcam"] = None
             d["notes"] = {**d["notes"], "gradcam": NO_ITM}
@@ -476,15 +478,6 @@ def _display_copy(pil: Image.Image) -> np.ndarray:
         s = DISPLAY_MIN_SIDE / max(h, w)
         arr = cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_NEAREST)
     return np.ascontiguousarray(arr)
-
-
-def clip_box(box, size) -> list[float] | None:
-    """The model's box (it may reach outside the image) clipped to the image, as drawn."""
-    if box is None:
-        return None
-    w, h = size
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h)]
 
 
 def _box_str(box) -> str:

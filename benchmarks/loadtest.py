@@ -230,7 +230,7 @@ def check_payload(req: Request, out) -> str | None:
         return f"image size {out.get('image')} != {W}x{H}"
     caps = out.get("capabilities") or {}
     for row in out["results"]:
-        box = row.get("box_xyxy_clipped")
+        box = row.get("box_xyxy")
         if caps.get("box"):
             if box is None or len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
                 return f"bad box {box}"

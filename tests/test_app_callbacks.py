@@ -106,7 +106,7 @@ def test_json_file_holds_everything_shown(grounder, tmp_path):
         assert np.asarray(row["patch_heatmap"]).shape == (12, 12)
         assert np.asarray(row["region_mask"]).dtype == bool
         assert np.asarray(row["gradcam"]).shape == (12, 12)
-        x0, y0, x1, y1 = row["box_xyxy_clipped"]
+        x0, y0, x1, y1 = row["box_xyxy"]
         assert 0 <= x0 <= x1 <= 640 and 0 <= y0 <= y1 <= 480
         assert row["color"].startswith("#")
     assert np.asarray(data["objects"]["itc"]).shape == (3, 3)

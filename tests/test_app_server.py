@@ -57,7 +57,8 @@ def test_ground_endpoint_returns_boxes_inside_the_image(server, client):
     for row, r in zip(out["results"], direct):
         assert len(row["box_xyxy"]) == 4 and all(math.isfinite(v) for v in row["box_xyxy"])
         assert row["box_xyxy"] == pytest.approx(r.box_xyxy, abs=1e-4)
-        x0, y0, x1, y1 = row["box_xyxy_clipped"]
+        assert row["box_xyxy_unclipped"] == pytest.approx(r.box_xyxy_unclipped, abs=1e-4)
+        x0, y0, x1, y1 = row["box_xyxy"]
         assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480      # a box with area, inside the image
         assert -1 <= row["itc_image"] <= 1 and 0 <= row["itm"] <= 1
         assert len(row["patch_heatmap"]) == 12

@@ -136,8 +136,8 @@ def test_result_fields_are_consistent(g):
     W, H = r.image_size
     assert (W, H) == Image.open(IMAGES[1]).size
     cx, cy, w, h = r.box_cxcywh
-    np.testing.assert_allclose(r.box_xyxy, [(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H],
-                               atol=1e-3)
+    np.testing.assert_allclose(r.box_xyxy_unclipped,
+                               [(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], atol=1e-3)
     assert r.region_mask.dtype == bool and r.region_mask.shape == (g.grid_size, g.grid_size) and r.region_mask.any()
     d = r.to_dict()
     assert d["phrase"] == PHRASES[0] and np.asarray(d["patch_heatmap"]).shape == (g.grid_size, g.grid_size)

@@ -77,18 +77,20 @@ def ground_expressions(g: Grounder, scenes) -> list[dict]:
         if not scene.refexps:
             continue
         results = g.ground(scene.image, [p.text for p in scene.refexps])
-        pred = torch.tensor([r.box_xyxy for r in results], dtype=torch.float64)
+        # the unclipped box, as the official grounding_eval_bbox scores the head's output
+        pred = torch.tensor([r.box_xyxy_unclipped for r in results], dtype=torch.float64)
         target = torch.tensor([p.box for p in scene.refexps], dtype=torch.float64)
         for p, r, iou in zip(scene.refexps, results, paired_iou(pred, target)[0].tolist()):
             target_w = p.box[2] - p.box[0]
-            landed = landed_on(r.box_xyxy, p.box, scene.objects)
+            box = r.box_xyxy_unclipped
+            landed = landed_on(box, p.box, scene.objects)
             records.append({
                 "kind": p.kind, "iou": iou, "centre_in": landed == "target", "landed_on": landed,
                 "pointing": (None if r.patch_heatmap is None
                              else heatmap_points_into_box(r, p.box)),
                 "target_size": target_w / min(scene.image.size), "named_by": named_by(p),
                 "shape_without_colour": shape_without_colour(p), "aspect": aspect_bin(scene.image.size),
-                "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})
+                "width_ratio": (box[2] - box[0]) / max(target_w, 1e-6)})
     return records
 
 

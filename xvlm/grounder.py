@@ -41,8 +41,11 @@ class GroundingResult:
     # The model's square input in pixels of the original image: what the patch grids below cover. The image itself
     # unless the model letterboxes (`VisionConfig.resize`); None: the whole image.
     canvas_xyxy: tuple[float, float, float, float] | None = None
-    box_xyxy: list[float] | None = None            # pixels of the original image
+    box_xyxy: list[float] | None = None            # pixels of the original image, clipped to it (what is drawn)
     box_cxcywh: list[float] | None = None          # normalised, exactly the bbox head output
+    # the head's box in pixels as predicted, possibly past the image's edges: what the official evaluation
+    # (`grounding_eval_bbox`) scores and what parity is checked on
+    box_xyxy_unclipped: list[float] | None = None
     itc_image: float | None = None                 # cosine(image [CLS] feature, text [CLS] feature)
     itc_region: float | None = None                # cosine(predicted-box concept feature, text feature)
     itc_objects: list[float] | None = None         # cosine with each phrase's box concept, in phrase order
@@ -69,6 +72,7 @@ class GroundingResult:
             return None if a is None else np.asarray(a).tolist()
         return {"phrase": self.phrase, "caption": self.caption, "image_size": list(self.image_size),
                 "canvas_xyxy": arr(self.canvas_xyxy), "box_xyxy": self.box_xyxy, "box_cxcywh": self.box_cxcywh,
+                "box_xyxy_unclipped": self.box_xyxy_unclipped,
                 "itc_image": self.itc_image, "itc_region": self.itc_region, "itc_objects": self.itc_objects,
                 "itm": self.itm,
                 "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes}
@@ -286,7 +290,11 @@ class Grounder:
         pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
         for r, c, xyxy in zip(results, coords.cpu(), pixels):
             r.box_cxcywh = [float(v) for v in c]
-            r.box_xyxy = [float(v) for v in xyxy]
+            r.box_xyxy_unclipped = [float(v) for v in xyxy]
+            r.box_xyxy = box_ops.clip_xyxy(xyxy, r.image_size)
+            if r.box_xyxy != r.box_xyxy_unclipped:
+                r.notes["box_clipped"] = ("the predicted box reached past the image's edges; box_xyxy is clipped to "
+                                          "the image, box_xyxy_unclipped keeps it as predicted")
         return coords, fused
 
     def _itm(self, run: "_Pass", box_fused, results) -> None:
