@@ -8,7 +8,8 @@ subclasses. `official_filter_fn` maps their names to ours (timm's `checkpoint_fi
     text_encoder.cls.predictions.bias         -> mlm_head.bias           (decoder weight is tied to word embeddings)
     vision_encoder.*                          -> vision_encoder.backbone.*  (Swin: stage i's downsample -> stage i+1)
 Buffers that are derived from the config (`relative_position_index`, `attn_mask`, `position_ids`) are rebuilt, and
-`relative_position_bias_table` is resized when the window differs. Every other key must match exactly: anything
+`relative_position_bias_table` is resized when the window differs, with the official routine (`xvlm.relpos`), as the
+official fine-tuning resizes the 224-px / window-7 pre-trained tables for its 384-px / window-12 model. Every other key must match exactly: anything
 missing, unexpected or mis-shaped is reported in one clear error.
 """
 from __future__ import annotations
@@ -18,12 +19,12 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import XVLMConfig
 from .models import XVLM
+from .relpos import resize_rel_pos_table
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -57,14 +58,6 @@ def detect_heads(state: dict[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(head for head, key in found.items() if key in keys)
 
 
-def _resize_rel_pos_table(table: torch.Tensor, window: int) -> torch.Tensor:
-    """Bicubic resize of a Swin relative-position bias table [(2w-1)^2, heads] to another window size."""
-    src = int(round(table.shape[0] ** 0.5))
-    dst = 2 * window - 1
-    grid = table.T.reshape(1, -1, src, src).float()
-    return F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False).reshape(-1, dst * dst).T
-
-
 def official_filter_fn(state: dict[str, torch.Tensor], model: XVLM) -> dict[str, torch.Tensor]:
     """Rename an official X-VLM state dict to this model's names; drop buffers the model rebuilds itself."""
     ours = model.state_dict()
@@ -83,7 +76,7 @@ def official_filter_fn(state: dict[str, torch.Tensor], model: XVLM) -> dict[str,
             key = "vision_encoder.backbone." + key.removeprefix("vision_encoder.")
             key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
             if key.endswith("relative_position_bias_table") and key in ours and value.shape != ours[key].shape:
-                value = _resize_rel_pos_table(value, model.cfg.vision.window_size)
+                value = resize_rel_pos_table(value, ours[key].shape[0], num_extra_tokens=0)   # Swin: no extra rows
         out[key] = value
     return out
 
