@@ -45,7 +45,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return Client(server[1], verbose=False)
+    return Client(server[1], verbose=False, analytics_enabled=False)
 
 
 def test_ground_endpoint_returns_boxes_inside_the_image(server, client):
