@@ -52,8 +52,8 @@ proposals. The box, ITM and ITC come from different heads: a box can be right wh
 
 **Limits of this demo.** At most {cb.MAX_PHRASES} phrases of {cb.MAX_PHRASE_CHARS} characters per request;
 images up to {cb.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels and {cb.MAX_FILE_SIZE.upper()} per upload. The model reads at
-most 30 words of a phrase (and at most its token budget: 24 for the shipped model), lower-cased, without punctuation. Changing only the phrases re-uses the image's
-encoding.
+most 30 words of a phrase (and at most its token budget: 24 for the shipped model), lower-cased, without punctuation.
+Changing only the phrases re-uses the image's encoding.
 """
 
 CSS = """
