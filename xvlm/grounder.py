@@ -1,7 +1,7 @@
 """The public API: `Grounder` grounds phrases in an image and returns the multi-grained X-VLM signals.
 
 Data path of `ground` (one image encoding, one batched text + fusion pass for all phrases):
-    image -> load_image -> image_to_tensor (squash or letterbox: `Canvas`) -> vision encoder (LRU-cached by pixel
+    image -> load_image (the model's `VisionConfig.convert`) -> image_to_tensor (squash or letterbox: `Canvas`) -> vision encoder (LRU-cached by pixel
           hash) -> tokens [1, 1+N, C]
     phrases -> Tokenizer -> text encoder -> fusion over the whole image -> bbox head (box), itm head (ITM)
     projected patch features x projected text [CLS] -> image / region / object ITC and the patch heatmap
@@ -23,7 +23,8 @@ from . import box_ops
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
-from .preprocess import Canvas, InputError, Tokenizer, check_phrase, image_to_tensor, load_image
+from .preprocess import (Canvas, InputError, Tokenizer, check_phrase, conversion_notes, decode_image, image_to_tensor,
+                         load_image)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
 MAX_PHRASES = 32
@@ -197,7 +198,9 @@ class Grounder:
             raise ValueError("official checkpoints need a tokenizer: the bert-base-uncased vocab.txt (or its folder)")
         model = load_official(checkpoint, cfg)
         scorer = load_official(scorer_checkpoint, cfg) if scorer_checkpoint is not None else None
-        tok = Tokenizer(tokenizer, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+        # The official grounding evaluation tokenizes with padding='longest' and no truncation (the YAML's max_tokens
+        # is a training setting): cut only where BERT has no position embedding left, with a note.
+        tok = Tokenizer(tokenizer, max_tokens=cfg.text.max_position_embeddings, max_words=cfg.max_words)
         if tok.vocab_size != cfg.text.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {cfg.text.vocab_size}")
         return cls(model, tok, scorer=scorer, name=kw.pop("name", Path(checkpoint).name), **kw)
@@ -228,7 +231,7 @@ class Grounder:
     # --- image side ---------------------------------------------------------------------------------------------
     def encode_image(self, image, model: XVLM | None = None) -> ImageEncoding:
         """Vision tokens of `image` for `model` (default: the box model), from the cache when the pixels were seen."""
-        return self._encode(_Pixels.of(image), model or self.model)
+        return self._encode(self._pixels(image), model or self.model)
 
     def _encode(self, px: "_Pixels", model: XVLM) -> ImageEncoding:
         if model is self.scorer and self._shared_vision:
@@ -261,13 +264,13 @@ class Grounder:
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
         single = isinstance(phrases, str)
         phrase_list = _check_phrases([phrases] if single else phrases)
-        px = _Pixels.of(image)                       # decoded and hashed once per call
+        px = self._pixels(image)                     # decoded and hashed once per call
         text = self.tokenizer(phrase_list)
         size, canvas = px.image.size, self.canvas(px.image.size).xyxy
         results = [GroundingResult(p, c, size, canvas) for p, c in zip(phrase_list, text.captions)]
         for r, cut in zip(results, text.truncated):
             if cut:
-                r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
+                r.notes["truncated"] = self._truncation_note()
         with self._inference():
             run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
             boxes, fused = self._boxes(run, results)
@@ -357,7 +360,7 @@ class Grounder:
         m = self._itc_model
         if m is None:
             raise RuntimeError(NO_ITC)
-        px = _Pixels.of(image)
+        px = self._pixels(image)
         norm = self._normalised_boxes(px, boxes)
         tokens = self._encode(px, m).tokens
         with self._inference():
@@ -411,6 +414,24 @@ class Grounder:
         grads = grads[:, :, :, 1:].clamp(min=0).reshape(1, probs.shape[1], -1, g, g) * keep
         return (cams * grads).mean(1).mean(1)[0].float().cpu().numpy()
 
+    def _truncation_note(self) -> str:
+        n = self.tokenizer.max_tokens
+        if n >= self.model.cfg.text.max_position_embeddings:
+            return (f"phrase cut at the text encoder's {n} position embeddings (the official grounding evaluation "
+                    "does not truncate, but no model reads past that)")
+        return f"phrase truncated to the model's {n} tokens"
+
+    # --- input conversion (issue #22): the image as this model reads it --------------------------------------------
+    def _pixels(self, image) -> "_Pixels":
+        return _Pixels.of(image, self.model.cfg.vision.convert)
+
+    def image_as_seen(self, image) -> tuple[Image.Image, list[str]]:
+        """The RGB image this model reads from `image` (`VisionConfig.convert`; official checkpoints: exactly
+        `Image.open(p).convert('RGB')`), and how it differs from the file as a viewer shows it (empty: it does not)."""
+        decoded = decode_image(image)
+        convert = self.model.cfg.vision.convert
+        return load_image(decoded, convert=convert), conversion_notes(decoded, convert)
+
 
 class _Pixels:
     """A decoded RGB image and the hash of its pixels (the cache key), computed once per call."""
@@ -420,8 +441,8 @@ class _Pixels:
         self.digest = hashlib.sha1(image.tobytes() + f"|{image.size}".encode()).hexdigest()
 
     @classmethod
-    def of(cls, image) -> "_Pixels":
-        return image if isinstance(image, _Pixels) else cls(load_image(image))
+    def of(cls, image, convert: str) -> "_Pixels":
+        return image if isinstance(image, _Pixels) else cls(load_image(image, convert=convert))
 
 
 class _Pass:
