@@ -16,7 +16,8 @@ from app.models import ModelRegistry  # noqa: E402
 from app.ui import build_demo, launch_kwargs  # noqa: E402
 from xvlm import Grounder  # noqa: E402
 
-F = Path(__file__).resolve().parent / "fixtures" / "official-xvlm-small"
+ROOT = Path(__file__).resolve().parent.parent
+F = ROOT / "tests" / "fixtures" / "official-xvlm-small"
 IMG = F / "img_a.png"   # 640 x 480
 
 
@@ -84,3 +85,26 @@ def test_only_the_ground_endpoint_is_public_and_limits_are_set(server, client):
     assert demo.max_file_size == 25 * 1024 * 1024
     assert demo._queue.max_size == cb.QUEUE_MAX_SIZE
     assert demo._queue.default_concurrency_limit == cb.QUEUE_CONCURRENCY
+
+
+def test_the_app_serves_the_shipped_model(tmp_path):
+    """The default model (weights/xvlm-shapes) behind the real server once: the demo most people start."""
+    from app.models import DEFAULT_NAME
+
+    g = Grounder.from_pretrained(device="cpu")
+    demo = build_demo(ModelRegistry(grounders={DEFAULT_NAME: g}), assets_dir=tmp_path / "no-assets", out_dir=tmp_path)
+    demo.queue(default_concurrency_limit=cb.QUEUE_CONCURRENCY, max_size=cb.QUEUE_MAX_SIZE)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        image = ROOT / "assets" / "shapes_01.png"
+        out = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False).predict(
+            handle_file(str(image)), "the red circle\na blue square", api_name="/ground")
+    finally:
+        demo.close()
+    assert out["model"] == g.name and out["capabilities"] == {"box": True, "itc": True, "itm": True,
+                                                                    "gradcam": True}
+    direct = g.ground(image, ["the red circle", "a blue square"])
+    for row, r in zip(out["results"], direct):
+        assert row["box_cxcywh"] == pytest.approx(r.box_cxcywh, abs=1e-5)
+        assert row["itm"] == pytest.approx(r.itm, abs=1e-5) and row["itc_image"] == pytest.approx(r.itc_image, abs=1e-5)

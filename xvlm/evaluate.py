@@ -1,6 +1,10 @@
 """Evaluation on held-out synthetic scenes (rendered with the 'eval' style, seeds never used in training).
 
-    python -m xvlm eval [--model weights/xvlm-shapes] [--scenes 300] [--json eval.json]
+    python -m xvlm eval [--model weights/xvlm-shapes] [--scenes 300] [--json weights/eval.json]
+
+With --json, the reference outputs of the first REFERENCE_SCENES scenes (`reference_outputs`: every expression's box
+and scores, and its eval record) go beside it (`eval.json` -> `eval_reference.json`), so the shipped model's test
+(tests/test_shipped_model.py) compares against what this command wrote for the same weights.
 
 Grounding: Acc@0.5 (IoU of the bbox-head box with the target >= 0.5) per referring-expression kind, mean IoU, and
 pointing accuracy (the patch-ITC heatmap's hottest cell inside the target box); split by the words naming the target,
@@ -290,6 +294,40 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     return report
 
 
+REFERENCE_SCENES = 8
+
+
+def reference_path(json_path: str | Path) -> Path:
+    """Where the reference outputs go beside an eval report: eval.json -> eval_reference.json."""
+    p = Path(json_path)
+    return p.with_name(f"{p.stem}_reference.json")
+
+
+def reference_outputs(g: Grounder, model_dir: str | Path, n_scenes: int = REFERENCE_SCENES,
+                      seed: int = EVAL_SEED) -> dict:
+    """The model's outputs on the first `n_scenes` eval scenes, one entry per referring expression: the box (head output
+    and unclipped pixels), ITC image / region, ITM, and the expression's eval record. With the sha256 of the weights
+    they were computed with, so a test can tell a regression from a reference left behind by retrained weights."""
+    import hashlib
+
+    weights = Path(model_dir) / "model.safetensors"
+    scenes = eval_scenes(n_scenes, seed)
+    g.cache.clear()
+    cases = []
+    for i, scene in enumerate(scenes):
+        if not scene.refexps:
+            continue
+        results = g.ground(scene.image, [p.text for p in scene.refexps])
+        for r, record in zip(results, ground_expressions(g, [scene])):
+            cases.append({"scene": i, "phrase": r.phrase, "box_cxcywh": r.box_cxcywh,
+                          "box_xyxy_unclipped": r.box_xyxy_unclipped, "itc_image": r.itc_image,
+                          "itc_region": r.itc_region, "itm": r.itm,
+                          "record": {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}})
+    return {"model": g.name, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "seed": seed,
+            "scenes": n_scenes, "command": "python -m xvlm eval ... --json <report> (written beside the report)",
+            "cases": cases}
+
+
 def format_report(report: dict) -> str:
     lines = [f"model: {report['model']}   held-out scenes: {report['scenes']} (seed {report['seed']})", "",
              f"{'expression kind':<16}{'n':>6}{'Acc@0.5':>10}{'mean IoU':>10}{'centre in':>11}{'pointing':>10}"]
@@ -362,4 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from .grounder import DEFAULT_WEIGHTS
+        reference = reference_outputs(g, args.model or DEFAULT_WEIGHTS, seed=args.seed)
+        reference_path(args.json).write_text(json.dumps(reference, indent=1) + "\n")
     return 0
