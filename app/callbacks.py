@@ -2,7 +2,7 @@
 
 Limits (the one place they are defined; `app/ui.py` and `app.py` read them from here):
     MAX_PHRASES        = 16          phrases (non-empty lines) grounded per request; more are refused with a message
-    MAX_PHRASE_CHARS   = 1000        characters per phrase (the model reads at most 30 words, and at most its token budget)
+    MAX_PHRASE_CHARS   = 1000        characters per phrase (the model reads at most 30 words and its token budget)
     MAX_TEXT_CHARS     = 20_000      characters in the whole phrase box, checked before splitting it into lines
     MAX_IMAGE_PIXELS   = 40_000_000  decoded pixels of an uploaded image (refused before decoding; 40 MP)
     MAX_FILE_SIZE      = "25mb"      upload size, enforced by the server (`launch(max_file_size=...)`)

@@ -82,8 +82,9 @@ demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
 # read the result stream
 api = f"http://127.0.0.1:{port}/gradio_api"
 boundary = uuid.uuid4().hex
-body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"img_a.png\"\r\n"
-        "Content-Type: image/png\r\n\r\n").encode() + (F / "img_a.png").read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"img_a.png\"\r\n"
+        "Content-Type: image/png\r\n\r\n")
+body = head.encode() + (F / "img_a.png").read_bytes() + f"\r\n--{boundary}--\r\n".encode()
 upload = urllib.request.Request(api + "/upload", data=body,
                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 (path,) = json.loads(urllib.request.urlopen(upload, timeout=60).read())

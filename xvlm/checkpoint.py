@@ -9,8 +9,8 @@ subclasses. `official_filter_fn` maps their names to ours (timm's `checkpoint_fi
     vision_encoder.*                          -> vision_encoder.backbone.*  (Swin: stage i's downsample -> stage i+1)
 Buffers that are derived from the config (`relative_position_index`, `attn_mask`, `position_ids`) are rebuilt, and
 `relative_position_bias_table` is resized when the window differs, with the official routine (`xvlm.relpos`), as the
-official fine-tuning resizes the 224-px / window-7 pre-trained tables for its 384-px / window-12 model. Every other key must match exactly: anything
-missing, unexpected or mis-shaped is reported in one clear error.
+official fine-tuning resizes the 224-px / window-7 pre-trained tables for its 384-px / window-12 model. Every other
+key must match exactly: anything missing, unexpected or mis-shaped is reported in one clear error.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The public API: `Grounder` grounds phrases in an image and returns the multi-grained X-VLM signals.
 
 Data path of `ground` (one image encoding, one batched text + fusion pass for all phrases):
-    image -> load_image (the model's `VisionConfig.convert`) -> image_to_tensor (squash or letterbox: `Canvas`) -> vision encoder (LRU-cached by pixel
-          hash) -> tokens [1, 1+N, C]
+    image -> load_image (RGB as the model's `VisionConfig.convert` says) -> image_to_tensor (squash or letterbox:
+          `Canvas`) -> vision encoder (LRU-cached by pixel hash) -> tokens [1, 1+N, C]
     phrases -> Tokenizer -> text encoder -> fusion over the whole image -> bbox head (box), itm head (ITM)
     projected patch features x projected text [CLS] -> image / region / object ITC and the patch heatmap
 """
@@ -421,7 +421,7 @@ class Grounder:
                     "does not truncate, but no model reads past that)")
         return f"phrase truncated to the model's {n} tokens"
 
-    # --- input conversion (issue #22): the image as this model reads it --------------------------------------------
+    # --- input conversion: the image as this model reads it -------------------------------------------------------
     def _pixels(self, image) -> "_Pixels":
         return _Pixels.of(image, self.model.cfg.vision.convert)
 

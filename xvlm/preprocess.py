@@ -1,6 +1,7 @@
 """Inputs to tensors, exactly as the official grounding evaluation prepares them.
 
-Image: decode safely -> RGB (`VisionConfig.convert`; official: `convert('RGB')`) -> bicubic resize to image_res x image_res -> /255 -> normalise (CLIP statistics).
+Image: decode safely -> RGB (`VisionConfig.convert`; official: `convert('RGB')`) -> bicubic resize to
+  image_res x image_res -> /255 -> normalise (CLIP statistics).
   That resize squashes the aspect ratio (official); a model may instead letterbox (`VisionConfig.resize`, `Canvas`).
 Text: `pre_caption` cleaning -> BERT WordPiece -> `[CLS] tokens` with NO trailing [SEP] (X-VLM's tokenizer).
 """
