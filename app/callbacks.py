@@ -2,7 +2,7 @@
 
 Limits (the one place they are defined; `app/ui.py` and `app.py` read them from here):
     MAX_PHRASES        = 16          phrases (non-empty lines) grounded per request; more are refused with a message
-    MAX_PHRASE_CHARS   = 1000        characters per phrase (the model keeps at most 40 tokens / 30 words anyway)
+    MAX_PHRASE_CHARS   = 1000        characters per phrase (the model reads at most 30 words and its token budget)
     MAX_TEXT_CHARS     = 20_000      characters in the whole phrase box, checked before splitting it into lines
     MAX_IMAGE_PIXELS   = 40_000_000  decoded pixels of an uploaded image (refused before decoding; 40 MP)
     MAX_FILE_SIZE      = "25mb"      upload size, enforced by the server (`launch(max_file_size=...)`)
@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from xvlm.config import model_family
 from xvlm.grounder import NO_BOX, NO_ITC, NO_ITM, Grounder, GroundingResult
-from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, load_image, pre_caption
+from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, decode_image, pre_caption
 from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
 
 MAX_PHRASES = 16
@@ -60,7 +60,8 @@ NO_PHRASES = "No phrase: type what to find, one phrase per line (e.g. `the red c
 
 # --- inputs ------------------------------------------------------------------------------------------------------
 def read_image(value) -> Image.Image:
-    """Whatever the page or an API client sends -> an RGB PIL image, or InputError with a readable message.
+    """Whatever the page or an API client sends -> the decoded PIL image as uploaded (its own mode and EXIF: the model's
+    conversion to RGB is `Grounder.image_as_seen`), or InputError with a readable message.
 
     Accepts None, a path, a PIL image, a numpy array, a Gradio file payload (dict/FileData with `path` or a
     `data:` URL in `url`)."""
@@ -79,7 +80,7 @@ def read_image(value) -> Image.Image:
     if isinstance(value, (str, Path)) and not str(value).strip():
         raise InputError(NO_IMAGE)
     try:
-        return load_image(value, max_pixels=MAX_IMAGE_PIXELS)
+        return decode_image(value, max_pixels=MAX_IMAGE_PIXELS)
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -227,7 +228,7 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
     granularity = granularity if granularity in GRANULARITIES else "image"
     alpha = float(np.clip(_finite(alpha, DEFAULT_ALPHA), 0.0, 1.0))
     phrases = parse_phrases(phrases_text)      # text first: cheap, and no decoding for a bad request
-    pil = read_image(image)
+    pil, conversion = g.image_as_seen(read_image(image))     # what the model reads; shown instead of the upload
     caps = g.capabilities
     do_cam = caps["gradcam"] and bool(want_cam)
     if do_cam:
@@ -303,12 +304,13 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         view.objects_note = missing["objects"]
 
     view.scores = {"headers": SCORE_HEADERS, "data": [
-        [i + 1, r.phrase, _box_str(clip_box(r.box_xyxy, r.image_size)), _num(r.itc_image), _num(r.itc_region),
+        [i + 1, r.phrase, _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region),
          _num(r.itm)]
         for i, r in enumerate(results)]}
 
     view.payload = build_payload(g, pil, results, granularity=granularity, alpha=alpha, layer=layer,
-                                 gradcams=gradcams if do_cam else None, gradcam_errors=gradcam_errors)
+                                 gradcams=gradcams if do_cam else None, gradcam_errors=gradcam_errors,
+                                 conversion=conversion)
     view.json_path = str(write_json(view.payload, out_dir))
 
     notes = [f"Grounded {len(results)} phrase{'s' * (len(results) != 1)} on a {pil.width}x{pil.height} image in "
@@ -322,6 +324,11 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
             notes.append(f"Phrase {i + 1}: the model reads only its first {max_words} words ({words} given).")
         if "truncated" in r.notes:
             notes.append(f"Phrase {i + 1}: {r.notes['truncated']}.")
+        if "box_clipped" in r.notes:
+            notes.append(f"Phrase {i + 1}: the predicted box reached past the image's edges; it is drawn and "
+                         "exported clipped to the image (`box_xyxy`; the JSON keeps `box_xyxy_unclipped`).")
+    if conversion:
+        notes.append(conversion_message(conversion))
     notes += [v for k, v in missing.items()]
     view.message = "\n\n".join(notes)
     return view
@@ -330,21 +337,27 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
 def ground_json(g: Grounder, image, phrases_text, lock: threading.Lock | None = None) -> dict:
     """The API endpoint: image (path / payload) + phrases (one per line) -> JSON-ready dict. Raises InputError."""
     phrases = parse_phrases(phrases_text)
-    pil = read_image(image)
+    pil, conversion = g.image_as_seen(read_image(image))
     with lock or nullcontext():
         results = g.ground(pil, phrases)
-    return build_payload(g, pil, results)
+    return build_payload(g, pil, results, conversion=conversion)
+
+
+def conversion_message(conversion: list[str]) -> str:
+    """The page's note when the model's RGB image differs from the upload as a viewer shows it."""
+    return ("**The model saw this image differently from how an image viewer shows the upload**: "
+            + "; ".join(conversion) + ". The images on this page show it as the model saw it.")
 
 
 def build_payload(g: Grounder, pil: Image.Image, results: list[GroundingResult], granularity: str | None = None,
                   alpha: float | None = None, layer: int | None = None,
-                  gradcams: dict[int, np.ndarray] | None = None, gradcam_errors: dict[int, str] | None = None) -> dict:
+                  gradcams: dict[int, np.ndarray] | None = None, gradcam_errors: dict[int, str] | None = None,
+                  conversion: list[str] | None = None) -> dict:
     rows = []
     for i, r in enumerate(results):
         d = r.to_dict()
         d["index"] = i
         d["color"] = "#%02x%02x%02x" % color_for(i)
-        d["box_xyxy_clipped"] = clip_box(r.box_xyxy, r.image_size)
         if not g.capabilities["gradcam"]:
             d["gradcam"] = None
             d["notes"] = {**d["notes"], "gradcam": NO_ITM}
@@ -358,6 +371,7 @@ def build_payload(g: Grounder, pil: Image.Image, results: list[GroundingResult],
         "capabilities": g.capabilities,
         "grid_size": g.grid_size,
         "image": {"width": pil.width, "height": pil.height},
+        "input_conversion": list(conversion or []),     # how the model's image differs from the upload
         "phrases": [r.phrase for r in results],
         "results": rows,
         "objects": ({"rows": "phrases", "columns": "boxes of the phrases, same order",
@@ -479,15 +493,6 @@ def _display_copy(pil: Image.Image) -> np.ndarray:
         s = DISPLAY_MIN_SIDE / max(h, w)
         arr = cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_NEAREST)
     return np.ascontiguousarray(arr)
-
-
-def clip_box(box, size) -> list[float] | None:
-    """The model's box (it may reach outside the image) clipped to the image, as drawn."""
-    if box is None:
-        return None
-    w, h = size
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h)]
 
 
 def _box_str(box) -> str:

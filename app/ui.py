@@ -10,11 +10,16 @@ import os
 import sys
 from pathlib import Path
 
-import gradio as gr
+# No usage analytics: Gradio reports to api.gradio.app from Blocks() and launch() unless this is "False" (some of its
+# calls read only the variable, not the Blocks flag), and README promises that nothing goes out. Set before gradio is
+# imported; `build_demo` also passes analytics_enabled=False. tests/test_app_network.py checks it.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from . import callbacks as cb
-from .models import ModelRegistry, ModelUnavailable
-from .search_tab import build_search_tab
+import gradio as gr  # noqa: E402
+
+from . import callbacks as cb  # noqa: E402
+from .models import ModelRegistry, ModelUnavailable  # noqa: E402
+from .search_tab import build_search_tab  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "X-VLM visual grounding"
@@ -48,8 +53,8 @@ proposals. The box, ITM and ITC come from different heads: a box can be right wh
 
 **Limits of this demo.** At most {cb.MAX_PHRASES} phrases of {cb.MAX_PHRASE_CHARS} characters per request;
 images up to {cb.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels and {cb.MAX_FILE_SIZE.upper()} per upload. The model reads at
-most 30 words / 40 tokens of a phrase, lower-cased, without punctuation. Changing only the phrases re-uses the image's
-encoding.
+most 30 words of a phrase (and at most its token budget: 24 for the shipped model), lower-cased, without punctuation.
+Changing only the phrases re-uses the image's encoding.
 """
 
 CSS = """
@@ -131,7 +136,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
         except (cb.InputError, ModelUnavailable) as e:
             raise gr.Error(str(e)) from None
 
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
             model_dd = gr.Dropdown(registry.names, value=registry.default, label="Model", scale=1,

@@ -12,7 +12,8 @@ our format. All traffic goes to 127.0.0.1 (gradio and gradio_client telemetry ar
 The clients (one `gradio_client.Client` per thread) send a fixed, seeded mix of requests:
     valid       good images (PNG / JPEG / grayscale / RGBA / EXIF-rotated / animated GIF, distinct pixels so the
                 encoding cache fills and evicts) with 1-3 phrases, some non-Latin or emoji
-    long        a valid image with a 30-word phrase (more tokens than the model reads: a truncation note)
+    long        a valid image with a 30-word phrase (more tokens than the shipped model's budget: a truncation note;
+                official checkpoints read it whole, as the official evaluation does)
     tiny        a 1x1 image (valid)
     empty       an empty / whitespace-only phrase box               -> rejected "No phrase"
     control     a phrase of control characters only                 -> rejected "empty phrase"
@@ -118,11 +119,22 @@ def _scene(w: int, h: int, rng: random.Random):
 @dataclass
 class ValidImage:
     path: str
-    size: tuple[int, int]           # (W, H) as the model sees it (after EXIF rotation)
+    size: tuple[int, int]           # (W, H) as the model sees it (after EXIF rotation, for a model that rotates)
 
 
-def make_inputs(folder: Path, n_images: int, seed: int, big: bool) -> dict:
-    """Write the request files: `n_images` distinct valid images in several formats and modes, and the bad ones."""
+def reads_exif(model: str) -> bool:
+    """Whether the served model applies EXIF orientation (`VisionConfig.convert == 'composite'`, read from its
+    config.json; this process stays free of torch). The fixture is an official checkpoint: the official reading."""
+    if model == "fixture":
+        return False
+    folder = DEFAULT_WEIGHTS if model == "default" else Path(model)
+    vision = json.loads((folder / "config.json").read_text()).get("vision", {})
+    return vision.get("convert", "official") == "composite"
+
+
+def make_inputs(folder: Path, n_images: int, seed: int, big: bool, exif_rotates: bool = True) -> dict:
+    """Write the request files: `n_images` distinct valid images in several formats and modes, and the bad ones.
+    `exif_rotates`: the model applies EXIF orientation, so it sees the EXIF-rotated file with W and H swapped."""
     from PIL import Image
 
     rng = random.Random(seed)
@@ -154,7 +166,8 @@ def make_inputs(folder: Path, n_images: int, seed: int, big: bool) -> dict:
             exif = Image.Exif()
             exif[0x0112] = 6
             im.save(path, quality=90, exif=exif.tobytes())
-            w, h = h, w
+            if exif_rotates:
+                w, h = h, w
         else:                                                  # animated GIF: the first frame is used
             path = folder / f"valid_{i}_anim.gif"
             im.save(path, save_all=True, append_images=[_scene(w, h, rng)], duration=100, loop=0)
@@ -230,7 +243,7 @@ def check_payload(req: Request, out) -> str | None:
         return f"image size {out.get('image')} != {W}x{H}"
     caps = out.get("capabilities") or {}
     for row in out["results"]:
-        box = row.get("box_xyxy_clipped")
+        box = row.get("box_xyxy")
         if caps.get("box"):
             if box is None or len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
                 return f"bad box {box}"
@@ -489,7 +502,7 @@ def run_loadtest(requests: int = 200, clients: int = 16, model: str = "fixture",
     own_tmp = tempfile.TemporaryDirectory(prefix="xvlm-loadtest-") if workdir is None else None
     work = Path(workdir) if workdir is not None else Path(own_tmp.name)
     try:
-        inputs = make_inputs(work / "inputs", n_images=n_images, seed=seed, big=big)
+        inputs = make_inputs(work / "inputs", n_images=n_images, seed=seed, big=big, exif_rotates=reads_exif(model))
         plan = plan_requests(requests, inputs, seed)
         lifetime = startup_timeout + timeout * (requests / max(clients, 1) + 2) + 120
         with Server(model, work, cache_entries, device, threads, startup_timeout, lifetime, log) as server:

@@ -106,7 +106,7 @@ def test_json_file_holds_everything_shown(grounder, tmp_path):
         assert np.asarray(row["patch_heatmap"]).shape == (12, 12)
         assert np.asarray(row["region_mask"]).dtype == bool
         assert np.asarray(row["gradcam"]).shape == (12, 12)
-        x0, y0, x1, y1 = row["box_xyxy_clipped"]
+        x0, y0, x1, y1 = row["box_xyxy"]
         assert 0 <= x0 <= x1 <= 640 and 0 <= y0 <= y1 <= 480
         assert row["color"].startswith("#")
     assert np.asarray(data["objects"]["itc"]).shape == (3, 3)
@@ -358,3 +358,25 @@ def test_app_flags_and_env_vars(tmp_path, capsys):
     rc = main.main(["--checkpoint", str(tmp_path / "missing.pth"), "--preset", "xvlm-base-4m",
                     "--tokenizer", str(F / "vocab.txt")])
     assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+def test_the_page_shows_the_image_as_the_model_saw_it_and_says_when_it_differs(grounder, tmp_path):
+    """An official checkpoint reads a transparent PNG as `convert('RGB')`: the page draws that image (the stored
+    colours under the transparency, not white) and says that a viewer shows the upload differently."""
+    rgba = np.zeros((200, 300, 4), np.uint8)
+    rgba[..., 0] = 200                                   # red everywhere, transparent on the left half
+    rgba[:, 150:, 3] = 255
+    path = tmp_path / "clear.png"
+    Image.fromarray(rgba).save(path)
+    view = cb.ground_and_render(grounder, str(path), "the red circle", out_dir=tmp_path, gradcam=False)
+    assert view.ok and "differently from how an image viewer shows the upload" in view.message
+    assert "transparency was dropped" in view.message
+    shown = view.annotated
+    assert tuple(shown[shown.shape[0] // 2, 5]) == (200, 0, 0)          # the stored red, where a viewer shows none
+    assert view.payload["input_conversion"] and "transparency" in view.payload["input_conversion"][0]
+    api = cb.ground_json(grounder, str(path), "the red circle")
+    assert api["input_conversion"] == view.payload["input_conversion"]
+    assert api["results"][0]["box_cxcywh"] == grounder.ground(Image.open(path).convert("RGB"),
+                                                              "the red circle").box_cxcywh
+    plain = cb.ground_and_render(grounder, str(IMG), "the red circle", out_dir=tmp_path, gradcam=False)
+    assert "differently" not in plain.message and plain.payload["input_conversion"] == []

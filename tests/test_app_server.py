@@ -16,7 +16,8 @@ from app.models import ModelRegistry  # noqa: E402
 from app.ui import build_demo, launch_kwargs  # noqa: E402
 from xvlm import Grounder  # noqa: E402
 
-F = Path(__file__).resolve().parent / "fixtures" / "official-xvlm-small"
+ROOT = Path(__file__).resolve().parent.parent
+F = ROOT / "tests" / "fixtures" / "official-xvlm-small"
 IMG = F / "img_a.png"   # 640 x 480
 
 
@@ -45,7 +46,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return Client(server[1], verbose=False)
+    return Client(server[1], verbose=False, analytics_enabled=False)
 
 
 def test_ground_endpoint_returns_boxes_inside_the_image(server, client):
@@ -57,7 +58,8 @@ def test_ground_endpoint_returns_boxes_inside_the_image(server, client):
     for row, r in zip(out["results"], direct):
         assert len(row["box_xyxy"]) == 4 and all(math.isfinite(v) for v in row["box_xyxy"])
         assert row["box_xyxy"] == pytest.approx(r.box_xyxy, abs=1e-4)
-        x0, y0, x1, y1 = row["box_xyxy_clipped"]
+        assert row["box_xyxy_unclipped"] == pytest.approx(r.box_xyxy_unclipped, abs=1e-4)
+        x0, y0, x1, y1 = row["box_xyxy"]
         assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480      # a box with area, inside the image
         assert -1 <= row["itc_image"] <= 1 and 0 <= row["itm"] <= 1
         assert len(row["patch_heatmap"]) == 12
@@ -83,3 +85,26 @@ def test_only_the_ground_and_search_endpoints_are_public_and_limits_are_set(serv
     assert demo.max_file_size == 25 * 1024 * 1024
     assert demo._queue.max_size == cb.QUEUE_MAX_SIZE
     assert demo._queue.default_concurrency_limit == cb.QUEUE_CONCURRENCY
+
+
+def test_the_app_serves_the_shipped_model(tmp_path):
+    """The default model (weights/xvlm-shapes) behind the real server once: the demo most people start."""
+    from app.models import DEFAULT_NAME
+
+    g = Grounder.from_pretrained(device="cpu")
+    demo = build_demo(ModelRegistry(grounders={DEFAULT_NAME: g}), assets_dir=tmp_path / "no-assets", out_dir=tmp_path)
+    demo.queue(default_concurrency_limit=cb.QUEUE_CONCURRENCY, max_size=cb.QUEUE_MAX_SIZE)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        image = ROOT / "assets" / "shapes_01.png"
+        out = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False).predict(
+            handle_file(str(image)), "the red circle\na blue square", api_name="/ground")
+    finally:
+        demo.close()
+    assert out["model"] == g.name and out["capabilities"] == {"box": True, "itc": True, "itm": True,
+                                                                    "gradcam": True}
+    direct = g.ground(image, ["the red circle", "a blue square"])
+    for row, r in zip(out["results"], direct):
+        assert row["box_cxcywh"] == pytest.approx(r.box_cxcywh, abs=1e-5)
+        assert row["itm"] == pytest.approx(r.itm, abs=1e-5) and row["itc_image"] == pytest.approx(r.itc_image, abs=1e-5)

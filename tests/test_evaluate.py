@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from xvlm import bench
+from xvlm.box_ops import clip_xyxy
 from xvlm.grounder import GroundingResult
 from xvlm.evaluate import (box_size_by_target_size, eval_scenes, evaluate, format_report, ground_expressions,
                            grounding_accuracy, heatmap_points_into_box)
@@ -44,7 +45,8 @@ class _Oracle:
             heat[min(int((y0 + y1) / 2 / H * 12), 11), min(int((x0 + x1) / 2 / W * 12), 11)] = 1
             cx, cy = (x0 + x1) / 2 + self.shift * W, (y0 + y1) / 2
             hw, hh = (x1 - x0) / 2 * self.scale, (y1 - y0) / 2 * self.scale
-            out.append(GroundingResult(text, text, (W, H), box_xyxy=[cx - hw, cy - hh, cx + hw, cy + hh],
+            box = [cx - hw, cy - hh, cx + hw, cy + hh]
+            out.append(GroundingResult(text, text, (W, H), box_xyxy=clip_xyxy(box, (W, H)), box_xyxy_unclipped=box,
                                        patch_heatmap=heat))
         return out
 

@@ -6,6 +6,8 @@ covered by tests/test_checkpoint.py (`test_malicious_pickle_is_refused`, `test_t
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import struct
 import zlib
@@ -18,7 +20,8 @@ from PIL import Image, ImageFile
 
 from xvlm import Grounder, InputError
 from xvlm.grounder import MAX_PHRASES
-from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, check_phrase, load_image
+from xvlm.preprocess import (MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, Tokenizer, check_phrase, conversion_notes,
+                             load_image)
 
 torch.set_num_threads(1)
 F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
@@ -29,6 +32,13 @@ WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
 def grounder() -> Grounder:
     return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
                                   device="cpu")
+
+
+def composite(g: Grounder) -> Grounder:
+    """The same weights with `VisionConfig.convert = 'composite'` (as our shipped model's config says)."""
+    model = copy.deepcopy(g.model)
+    model.cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, convert="composite"))
+    return Grounder(model, g.tokenizer, device="cpu")
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -113,7 +123,7 @@ def close(c, target, tol=8):
     (1, (40, 20), None, None),     # as stored
 ])
 def test_exif_orientation_is_applied(tmp_path, orientation, size, top, bottom):
-    im = load_image(exif_jpeg(tmp_path / f"o{orientation}.jpg", orientation))
+    im = load_image(exif_jpeg(tmp_path / f"o{orientation}.jpg", orientation), convert="composite")
     assert im.size == size
     if top is not None:
         assert close(rgb(im, (10, 3)), top) and close(rgb(im, (10, 36)), bottom)
@@ -122,10 +132,14 @@ def test_exif_orientation_is_applied(tmp_path, orientation, size, top, bottom):
         assert close(rgb(im, (3, 10)), left) and close(rgb(im, (36, 10)), right)
 
 
-def test_exif_rotated_image_is_grounded_in_displayed_coordinates(tmp_path, grounder):
-    r = grounder.ground(exif_jpeg(tmp_path / "o6.jpg", 6), "the red circle")
-    assert r.image_size == (20, 40)
-    assert np.isfinite(r.box_xyxy).all()
+def test_exif_rotation_follows_the_models_conversion(tmp_path, grounder):
+    """An official checkpoint reads the stored pixels (the official code ignores EXIF); a model whose config says
+    'composite' grounds in the displayed (rotated) coordinates."""
+    path = exif_jpeg(tmp_path / "o6.jpg", 6)
+    r = grounder.ground(path, "the red circle")
+    assert r.image_size == (40, 20) and np.isfinite(r.box_xyxy).all()
+    r = composite(grounder).ground(path, "the red circle")
+    assert r.image_size == (20, 40) and np.isfinite(r.box_xyxy).all()
 
 
 def test_malformed_exif_is_ignored(tmp_path):
@@ -181,7 +195,7 @@ MODES = ["1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "CMYK", "I;16", "I", "
 def test_every_pil_mode_becomes_rgb(mode):
     im, expected = mode_image(mode)
     assert im.mode == mode
-    out = load_image(im)
+    out = load_image(im, convert="composite")
     assert out.mode == "RGB" and out.size == (6, 4)
     assert close(rgb(out), expected, tol=3), (rgb(out), expected)
 
@@ -193,14 +207,76 @@ def test_files_of_every_mode_decode_to_rgb(tmp_path, mode, fmt):
     im, expected = mode_image(mode)
     path = tmp_path / f"img.{fmt.lower()}"
     im.save(path, fmt)
-    out = load_image(path)
+    out = load_image(path, convert="composite")
     assert out.mode == "RGB" and out.size == (6, 4)
     assert close(rgb(out), expected, tol=12), (mode, fmt, rgb(out), expected)
+    with Image.open(path) as official:                  # the default: exactly the official reading
+        assert np.array_equal(np.asarray(load_image(path)), np.asarray(official.convert("RGB")))
 
 
 def test_float_pil_image_with_nan_is_refused():
     with pytest.raises(InputError, match="NaN"):
-        load_image(Image.fromarray(np.full((4, 6), np.nan, np.float32)))
+        load_image(Image.fromarray(np.full((4, 6), np.nan, np.float32)), convert="composite")
+
+
+# --- the official reading: Image.open(p).convert('RGB') ------------------------------------------------------------
+def _content(size=(160, 120)) -> np.ndarray:
+    """A picture whose pixels matter: the fixture image, cropped."""
+    with Image.open(F / "img_a.png") as im:
+        return np.asarray(im.convert("RGB").resize(size))
+
+
+def official_files(tmp_path: Path) -> dict[str, Path]:
+    """Files the official code reads without complaint but where compositing / rotating would change the pixels."""
+    rgb_ = _content()
+    h, w = rgb_.shape[:2]
+    alpha = np.tile(np.linspace(0, 255, w, dtype=np.uint8), (h, 1))             # transparent on the left
+    out = {}
+    out["rgba.png"] = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb_, alpha])).save(out["rgba.png"])
+    out["la.png"] = tmp_path / "la.png"
+    Image.fromarray(np.dstack([rgb_[..., 0], alpha]), "LA").save(out["la.png"])
+    out["p_transparent.png"] = tmp_path / "p_transparent.png"
+    pal = Image.fromarray(rgb_).quantize(16)
+    pal.info["transparency"] = 0                                                 # palette entry 0 is transparent
+    pal.save(out["p_transparent.png"], transparency=0)
+    out["gray16.png"] = tmp_path / "gray16.png"
+    Image.fromarray((rgb_[..., 1].astype(np.uint16) * 257)).save(out["gray16.png"])
+    out["exif6.jpg"] = tmp_path / "exif6.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb_).save(out["exif6.jpg"], quality=95, exif=exif.tobytes())
+    return out
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "la.png", "p_transparent.png", "gray16.png", "exif6.jpg"])
+def test_official_models_read_files_exactly_as_the_official_code(tmp_path, grounder, name):
+    """Default and official checkpoints: pixels, box, ITC and ITM equal those of `Image.open(p).convert('RGB')`
+    (alpha dropped, EXIF ignored, 16-bit clipped), and the app's note says how that differs from a viewer's look."""
+    path = official_files(tmp_path)[name]
+    with Image.open(path) as im:
+        official = im.convert("RGB")
+        notes_official = conversion_notes(im, "official")
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(official))
+    assert not np.array_equal(np.asarray(load_image(path, convert="composite")), np.asarray(official)), \
+        "compositing / rotating changes this file: the comparison above is meaningful"
+    assert grounder.model.cfg.vision.convert == "official"
+    a, b = grounder.ground(path, "the red circle"), grounder.ground(official, "the red circle")
+    assert a.box_cxcywh == b.box_cxcywh and a.itm == b.itm and a.itc_image == b.itc_image
+    seen, notes = grounder.image_as_seen(path)
+    assert np.array_equal(np.asarray(seen), np.asarray(official)) and notes == notes_official and notes
+    c = composite(grounder).ground(path, "the red circle")
+    assert c.box_cxcywh != a.box_cxcywh
+
+
+def test_plain_rgb_file_needs_no_conversion_note(grounder):
+    seen, notes = grounder.image_as_seen(F / "img_a.png")
+    assert notes == [] and seen.mode == "RGB"
+
+
+def test_unknown_conversion_is_refused():
+    with pytest.raises(ValueError, match="official"):
+        load_image(F / "img_a.png", convert="exif")
 
 
 # --- animations: the first frame -------------------------------------------------------------------------------
@@ -290,7 +366,7 @@ def test_grounder_turns_corrupt_input_into_input_error(tmp_path, grounder):
     (np.zeros((8, 12, 3), np.uint8)[::2, ::2], (0, 0, 0)),                   # not contiguous
 ], ids=lambda v: f"{v.dtype}{list(v.shape)}" if isinstance(v, np.ndarray) else None)
 def test_numpy_arrays_become_rgb(arr, expected):
-    out = load_image(arr)
+    out = load_image(arr, convert="composite")
     assert out.mode == "RGB" and out.size == (6, 4)
     assert close(rgb(out), expected, tol=1), (rgb(out), expected)
 
@@ -328,18 +404,39 @@ def test_tokenizer_batches_pad_to_the_longest_phrase_and_allow_none(grounder):
     assert empty.input_ids.shape[0] == 0 and empty.attention_mask.shape[0] == 0 and empty.captions == []
 
 
+def test_official_models_do_not_truncate_below_the_position_embeddings(grounder):
+    """The official grounding evaluation tokenizes with padding='longest' and no truncation: a phrase longer than the
+    YAML's max_tokens (40, a training setting) is read whole; the only cut is BERT's position-embedding limit."""
+    cfg = grounder.model.cfg
+    assert grounder.tokenizer.max_tokens == cfg.text.max_position_embeddings == 512 and cfg.max_tokens == 40
+    tokens = grounder.tokenizer.tokens(LONG)
+    assert 40 < len(tokens) < 512
+    r = grounder.ground(F / "img_a.png", LONG)
+    assert "truncated" not in r.notes
+    ids = grounder.tokenizer([LONG]).input_ids[0]
+    assert len(ids) == len(tokens)                           # every word piece went in
+
+
 def test_long_phrase_is_truncated_with_a_visible_note(grounder):
-    assert len(grounder.tokenizer.tokens(LONG)) > grounder.tokenizer.max_tokens
-    short, long_ = grounder.ground(F / "img_a.png", ["the red circle", LONG])
+    """A model with a token budget below its position embeddings (our shipped model's max_tokens) cuts there."""
+    g = Grounder(grounder.model, Tokenizer(F / "vocab.txt", max_tokens=40), device="cpu")
+    assert len(g.tokenizer.tokens(LONG)) > g.tokenizer.max_tokens
+    short, long_ = g.ground(F / "img_a.png", ["the red circle", LONG])
     assert "truncated" not in short.notes
-    assert long_.notes["truncated"] == f"phrase truncated to the model's {grounder.tokenizer.max_tokens} tokens"
+    assert long_.notes["truncated"] == f"phrase truncated to the model's {g.tokenizer.max_tokens} tokens"
     assert np.isfinite(long_.box_xyxy).all() and long_.phrase == LONG
     # the model saw exactly the first max_tokens tokens: the same answer as a phrase that ends there
     prefix = " ".join(["the smallest greenish circles behind squares"] * 3) + " the smallest greenish circles behind square"
-    assert grounder.tokenizer.tokens(prefix) == grounder.tokenizer.tokens(LONG)[: grounder.tokenizer.max_tokens]
-    cut = grounder.ground(F / "img_a.png", prefix)
+    assert g.tokenizer.tokens(prefix) == g.tokenizer.tokens(LONG)[: g.tokenizer.max_tokens]
+    cut = g.ground(F / "img_a.png", prefix)
     assert "truncated" not in cut.notes
     assert cut.box_cxcywh == pytest.approx(long_.box_cxcywh, abs=1e-5) and cut.itm == pytest.approx(long_.itm, abs=1e-5)
+    # at the position-embedding limit the note says so
+    at_limit = copy.deepcopy(grounder.model)
+    at_limit.cfg = dataclasses.replace(at_limit.cfg, text=dataclasses.replace(at_limit.cfg.text,
+                                                                              max_position_embeddings=40))
+    r = Grounder(at_limit, g.tokenizer, device="cpu").ground(F / "img_a.png", LONG)
+    assert "position embeddings" in r.notes["truncated"] and "does not truncate" in r.notes["truncated"]
 
 
 def test_max_length_phrase_is_accepted_and_one_more_character_refused(grounder):

@@ -103,14 +103,16 @@ def check_result(r, size: tuple[int, int], grid: int) -> None:
     # box: the bbox head's sigmoid output, and the same box in pixels of the original image
     assert len(r.box_cxcywh) == 4 and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in r.box_cxcywh)
     cx, cy, bw, bh = r.box_cxcywh
-    x0, y0, x1, y1 = r.box_xyxy
-    assert all(math.isfinite(v) for v in r.box_xyxy)
+    x0, y0, x1, y1 = r.box_xyxy_unclipped
+    assert all(math.isfinite(v) for v in r.box_xyxy_unclipped)
     assert x0 <= x1 and y0 <= y1
-    assert r.box_xyxy == pytest.approx([(cx - bw / 2) * W, (cy - bh / 2) * H, (cx + bw / 2) * W, (cy + bh / 2) * H],
-                                       rel=1e-6, abs=1e-6)
-    # the raw box may reach past the border (the head predicts a centre and a size); clipped, it is inside
-    cx0, cy0, cx1, cy1 = clip(r.box_xyxy, W, H)
+    assert r.box_xyxy_unclipped == pytest.approx(
+        [(cx - bw / 2) * W, (cy - bh / 2) * H, (cx + bw / 2) * W, (cy + bh / 2) * H], rel=1e-6, abs=1e-6)
+    # the raw box may reach past the border (the head predicts a centre and a size); box_xyxy is it clipped
+    assert r.box_xyxy == clip(r.box_xyxy_unclipped, W, H)
+    cx0, cy0, cx1, cy1 = r.box_xyxy
     assert 0 <= cx0 <= cx1 <= W and 0 <= cy0 <= cy1 <= H
+    assert ("box_clipped" in r.notes) == (r.box_xyxy != r.box_xyxy_unclipped)
     # scores: finite and in their ranges
     eps = 1e-4
     assert math.isfinite(r.itm) and 0.0 <= r.itm <= 1.0
@@ -119,7 +121,7 @@ def check_result(r, size: tuple[int, int], grid: int) -> None:
     assert r.patch_heatmap.shape == (grid, grid) and np.isfinite(r.patch_heatmap).all()
     assert np.abs(r.patch_heatmap).max() <= 1 + eps
     assert r.region_mask.shape == (grid, grid) and r.region_mask.dtype == bool
-    assert set(r.notes) <= {"truncated"}                      # the fixture model has every head
+    assert set(r.notes) <= {"truncated", "box_clipped"}       # the fixture model has every head
 
 
 def phrase_is_valid(p) -> bool:

@@ -43,7 +43,7 @@ def built(g, tmp_path_factory):
 
 def test_texts_are_tokenized_as_the_official_evaluation(g):
     assert [c for c in (g.tokenizer(TEXTS).captions)] == [t["caption_after_pre_caption"] for t in R["texts"]]
-    b = pad_max_length(g.tokenizer(TEXTS), R["max_tokens"], R["pad_token_id"])
+    b = pad_max_length(g.tokenizer(TEXTS, max_tokens=R["max_tokens"]), R["max_tokens"], R["pad_token_id"])
     assert b.input_ids.tolist() == R["input_ids"]
     assert b.attention_mask.tolist() == R["attention_mask"]
 

@@ -13,6 +13,7 @@ from PIL import Image
 from xvlm.data import (COLORS, SHAPES, VOCAB_WORDS, RenderStyle, Sample, generate_scene, iter_scenes,
                        load_grounding_json, load_image_text_json, load_region_json, resolve, scene_to_sample)
 from xvlm.data.synthetic import sample_render_style
+from xvlm.preprocess import InputError
 
 SCENES = list(iter_scenes(2024, 150)) + list(iter_scenes(77, 50, style="eval"))
 
@@ -313,3 +314,34 @@ def test_malformed_records_name_file_and_record(image_dir, loader, recs, message
 def test_sample_accepts_images_and_paths(image_dir):
     assert Sample(Image.new("L", (4, 4)), "c").image.mode == "RGB"
     assert Sample(image_dir / "a.png").image.size == (64, 48)
+
+
+def test_training_images_go_through_the_safe_loader(image_dir):
+    """Training reads images like inference does: the pixel limit and a clear error naming the file."""
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    recs = [{"image": "broken.png", "text": "t", "bbox": [1, 1, 4, 4]}]
+    (sample,) = load_grounding_json(_write(image_dir / "g.json", recs), image_root=image_dir)
+    with pytest.raises(InputError, match="cannot read image broken.png"):
+        sample.image
+    assert Sample(image_dir / "a.png").load("composite", max_pixels=64 * 48).size == (64, 48)
+    with pytest.raises(InputError, match="image too large"):
+        Sample(image_dir / "a.png").load("composite", max_pixels=64 * 48 - 1)
+
+
+def test_official_annotations_read_the_official_way_whatever_the_model(image_dir):
+    """Boxes of official annotation files refer to the stored pixels: EXIF rotation must not move them, so those
+    samples read `Image.open(p).convert('RGB')` even for a model whose setting is 'composite'."""
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # viewers show it rotated to 32 x 64
+    rgba = np.zeros((32, 64, 4), np.uint8)
+    rgba[..., 0] = 200                                # red, fully transparent: composited it would be white
+    Image.fromarray(rgba[..., :3]).save(image_dir / "rot.jpg", exif=exif.tobytes())
+    Image.fromarray(rgba).save(image_dir / "clear.png")
+    recs = [{"image": "rot.jpg", "text": "t", "bbox": [1, 1, 4, 4]}, {"image": "clear.png", "text": "t",
+                                                                      "bbox": [1, 1, 4, 4]}]
+    rot, clear = load_grounding_json(_write(image_dir / "g.json", recs), image_root=image_dir)
+    assert rot.load("composite").size == (64, 32)
+    assert clear.load("composite").getpixel((0, 0))[0] > 150        # stored red, not white
+    # a sample of our own (no convert of its own) follows the model's setting
+    assert Sample(image_dir / "rot.jpg").load("composite").size == (32, 64)
+    assert Sample(image_dir / "clear.png").load("composite").getpixel((0, 0)) == (255, 255, 255)

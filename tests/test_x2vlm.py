@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 
 from xvlm import Grounder
+from xvlm.box_ops import clip_xyxy
 from xvlm.checkpoint import CheckpointError, read_official_state_dict
 from xvlm.config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from xvlm.models import box_patch_mask
@@ -175,12 +176,15 @@ def test_single_case_matches_official(grounder, case):
     assert r.image_size == tuple(case["image_size_wh"])
     assert r.caption == case["caption_after_pre_caption"]
     np.testing.assert_allclose(r.box_cxcywh, case["output_coord"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(r.box_xyxy, case["box_xyxy_pixels"], atol=1e-3, rtol=1e-6)
+    np.testing.assert_allclose(r.box_xyxy_unclipped, case["box_xyxy_pixels"], atol=1e-3, rtol=1e-6)
     assert r.itc_image == pytest.approx(case["itc_sim"], abs=TOL)
     assert r.itm == pytest.approx(case["itm_prob"], abs=TOL)
     assert r.patch_heatmap.shape == (14, 14)                  # 16-px patches of the 224-px input
     np.testing.assert_allclose(r.patch_heatmap, np.asarray(case["patch_sims"]), atol=TOL, rtol=0)
-    assert r.notes == {}
+    # box_xyxy is the official pixel box clipped to the image; a note says when clipping changed it
+    clipped = clip_xyxy(case["box_xyxy_pixels"], r.image_size)
+    np.testing.assert_allclose(r.box_xyxy, clipped, atol=1e-3, rtol=1e-6)
+    assert r.notes == ({"box_clipped": r.notes["box_clipped"]} if clipped != case["box_xyxy_pixels"] else {})
 
 
 def test_batched_matches_official_and_encodes_each_image_once(grounder):
@@ -262,7 +266,7 @@ def test_grounding_checkpoint_without_itc_itm_needs_a_scorer(tmp_path, state):
     case = CASES["cases"][0]
     r = g.ground(X2 / case["image"], case["phrase"])
     np.testing.assert_allclose(r.box_cxcywh, case["output_coord"], atol=TOL, rtol=0)
-    assert r.itc_image is None and r.itm is None and set(r.notes) == {"itc", "itm"}
+    assert r.itc_image is None and r.itm is None and set(r.notes) - {"box_clipped"} == {"itc", "itm"}
 
 
 def test_missing_unexpected_and_misshaped_keys_are_reported_in_one_error(tmp_path, state):

@@ -369,10 +369,8 @@ def _render(pil, result) -> np.ndarray:
 
 def bench_grounder(g, image_path: Path, repeats: int, warmup: int, compiled: bool = False,
                    memory: MemoryProbe | None = None) -> ModelReport:
-    from .preprocess import load_image
-
     dev = g.device
-    pil = load_image(image_path)
+    pil = g.image_as_seen(image_path)[0]
     report = ModelReport(g.name, describe(g), _device_name(dev), torch.get_num_threads(), repeats, warmup,
                          f"{image_path.name} {pil.size[0]}x{pil.size[1]}", compiled)
     follow = iter(range(10 ** 9))
@@ -381,7 +379,7 @@ def bench_grounder(g, image_path: Path, repeats: int, warmup: int, compiled: boo
         return PHRASES[1 + next(follow) % (len(PHRASES) - 1)]
 
     def e2e():
-        im = load_image(image_path)
+        im = g.image_as_seen(image_path)[0]
         r = g.ground(im, next_phrase())
         _render(im, r)
 

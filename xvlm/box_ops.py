@@ -14,6 +14,14 @@ def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
+def clip_xyxy(box, size) -> list[float]:
+    """A pixel xyxy box clipped to an image of `size` (W, H): the one place where boxes are put inside the image
+    (the bbox head's box may reach past its edges; `GroundingResult.box_xyxy_unclipped` keeps it as predicted)."""
+    w, h = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h)]
+
+
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 

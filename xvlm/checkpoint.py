@@ -10,9 +10,9 @@ subclasses. `official_filter_fn` maps their names to ours (timm's `checkpoint_fi
 X²-VLM checkpoints (BEiT-2 vision, `models/beit2.py`) use the same text and head names in both layouts (pre-training:
 `text_encoder.bert.*` + `text_encoder.cls.*`; fine-tuned: `text_encoder.*`), and timm's BEiT names for the vision
 encoder. Buffers that are derived from the config (`relative_position_index`, `attn_mask`, `position_ids`) are
-rebuilt, and `relative_position_bias_table` is resized when the window (Swin) or patch grid (BEiT-2: the official
-`interpolate_pos_embed` of a fine-tuning load, `relpos.resize_rel_pos_table`) differs. Every other key must match
-exactly: anything missing, unexpected or mis-shaped is reported in one clear error.
+rebuilt, and `relative_position_bias_table` is resized when the window (Swin) or patch grid (BEiT-2) differs, with
+the official routine (`xvlm.relpos`), as the official fine-tuning resizes the 224-px pre-trained tables for its 384-px
+model. Every other key must match exactly: anything missing, unexpected or mis-shaped is reported in one clear error.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -63,14 +62,6 @@ def detect_heads(state: dict[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(head for head, key in found.items() if key in keys)
 
 
-def _resize_rel_pos_table(table: torch.Tensor, window: int) -> torch.Tensor:
-    """Bicubic resize of a Swin relative-position bias table [(2w-1)^2, heads] to another window size."""
-    src = int(round(table.shape[0] ** 0.5))
-    dst = 2 * window - 1
-    grid = table.T.reshape(1, -1, src, src).float()
-    return F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False).reshape(-1, dst * dst).T
-
-
 def official_filter_fn(state: dict[str, torch.Tensor], model: XVLM) -> dict[str, torch.Tensor]:
     """Rename an official X-VLM state dict to this model's names; drop buffers the model rebuilds itself."""
     ours = model.state_dict()
@@ -89,10 +80,9 @@ def official_filter_fn(state: dict[str, torch.Tensor], model: XVLM) -> dict[str,
             key = "vision_encoder.backbone." + key.removeprefix("vision_encoder.")
             key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
             if key.endswith("relative_position_bias_table") and key in ours and value.shape != ours[key].shape:
-                if model.cfg.vision.kind == "beit2":
-                    value = resize_rel_pos_table(value, ours[key].shape[0], num_extra_tokens=beit2.EXTRA_TOKENS)
-                else:
-                    value = _resize_rel_pos_table(value, model.cfg.vision.window_size)
+                # the official routine; Swin tables are all spatial, BEiT-2's end with 3 cls rows
+                extra = beit2.EXTRA_TOKENS if model.cfg.vision.kind == "beit2" else 0
+                value = resize_rel_pos_table(value, ours[key].shape[0], num_extra_tokens=extra)
         out[key] = value
     return out
 

@@ -165,12 +165,16 @@ def ground_main(argv: list[str]) -> int:
     a = ground_parser().parse_args(argv)
     try:
         _check_args(a)
-        from .preprocess import check_phrase, load_image
+        from .preprocess import check_phrase, decode_image
 
         # cheap input checks before the (slow) model load
         phrases = [check_phrase(p) for p in a.phrases]
-        image = load_image(a.image)
+        decoded = decode_image(a.image)
         g = _load_grounder(a)
+        image, conversion = g.image_as_seen(decoded)      # the model's reading of the file: what is shown
+        for note in conversion:
+            print(f"note: the model reads {Path(a.image).name} differently from an image viewer: {note}",
+                  file=sys.stderr)
         results = g.ground(image, phrases)
         cams = None
         if a.out is not None:  # before printing anything: a bad --gradcam-layer fails without partial output

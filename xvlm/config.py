@@ -18,6 +18,7 @@ import yaml
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("squash", "letterbox")   # VisionConfig.resize; preprocess.Canvas
+CONVERT_MODES = ("official", "composite")   # VisionConfig.convert; preprocess.to_rgb
 PUNCTUATION_MODES = ("delete", "space")  # XVLMConfig.punctuation; preprocess.pre_caption
 
 
@@ -45,10 +46,17 @@ class VisionConfig:
     # 'letterbox' (fit and pad with the mean colour, `preprocess.Canvas`). Squashing a 2:1 image halves its
     # horizontal extents, so for our shapes model a square and a rectangle could look the same (weights/README.md).
     resize: str = "squash"
+    # How a decoded file becomes RGB: 'official' is exactly the official reading, `Image.open(p).convert('RGB')`
+    # (alpha dropped, EXIF orientation ignored, 16-bit values clipped by Pillow), so official checkpoints see what the
+    # official code sees for every file; 'composite' applies EXIF orientation, composites alpha on white and scales
+    # 16-bit to 8 bits (what an image viewer shows). `preprocess.to_rgb`.
+    convert: str = "official"
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"vision.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.convert not in CONVERT_MODES:
+            raise ValueError(f"vision.convert must be one of {CONVERT_MODES}, got {self.convert!r}")
 
     @property
     def grid_size(self) -> int:

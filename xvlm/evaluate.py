@@ -1,6 +1,10 @@
 """Evaluation on held-out synthetic scenes (rendered with the 'eval' style, seeds never used in training).
 
-    python -m xvlm eval [--model weights/xvlm-shapes] [--scenes 300] [--json eval.json]
+    python -m xvlm eval [--model weights/xvlm-shapes] [--scenes 300] [--json weights/eval.json]
+
+With --json, the reference outputs of the first REFERENCE_SCENES scenes (`reference_outputs`: every expression's box
+and scores, and its eval record) go beside it (`eval.json` -> `eval_reference.json`), so the shipped model's test
+(tests/test_shipped_model.py) compares against what this command wrote for the same weights.
 
 Grounding: Acc@0.5 (IoU of the bbox-head box with the target >= 0.5) per referring-expression kind, mean IoU, and
 pointing accuracy (the patch-ITC heatmap's hottest cell inside the target box); split by the words naming the target,
@@ -78,18 +82,20 @@ def ground_expressions(g: Grounder, scenes) -> list[dict]:
         if not scene.refexps:
             continue
         results = g.ground(scene.image, [p.text for p in scene.refexps])
-        pred = torch.tensor([r.box_xyxy for r in results], dtype=torch.float64)
+        # the unclipped box, as the official grounding_eval_bbox scores the head's output
+        pred = torch.tensor([r.box_xyxy_unclipped for r in results], dtype=torch.float64)
         target = torch.tensor([p.box for p in scene.refexps], dtype=torch.float64)
         for p, r, iou in zip(scene.refexps, results, paired_iou(pred, target)[0].tolist()):
             target_w = p.box[2] - p.box[0]
-            landed = landed_on(r.box_xyxy, p.box, scene.objects)
+            box = r.box_xyxy_unclipped
+            landed = landed_on(box, p.box, scene.objects)
             records.append({
                 "kind": p.kind, "iou": iou, "centre_in": landed == "target", "landed_on": landed,
                 "pointing": (None if r.patch_heatmap is None
                              else heatmap_points_into_box(r, p.box)),
                 "target_size": target_w / min(scene.image.size), "named_by": named_by(p),
                 "shape_without_colour": shape_without_colour(p), "aspect": aspect_bin(scene.image.size),
-                "width_ratio": (r.box_xyxy[2] - r.box_xyxy[0]) / max(target_w, 1e-6)})
+                "width_ratio": (box[2] - box[0]) / max(target_w, 1e-6)})
     return records
 
 
@@ -289,6 +295,40 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     return report
 
 
+REFERENCE_SCENES = 8
+
+
+def reference_path(json_path: str | Path) -> Path:
+    """Where the reference outputs go beside an eval report: eval.json -> eval_reference.json."""
+    p = Path(json_path)
+    return p.with_name(f"{p.stem}_reference.json")
+
+
+def reference_outputs(g: Grounder, model_dir: str | Path, n_scenes: int = REFERENCE_SCENES,
+                      seed: int = EVAL_SEED) -> dict:
+    """The model's outputs on the first `n_scenes` eval scenes, one entry per referring expression: the box (head output
+    and unclipped pixels), ITC image / region, ITM, and the expression's eval record. With the sha256 of the weights
+    they were computed with, so a test can tell a regression from a reference left behind by retrained weights."""
+    import hashlib
+
+    weights = Path(model_dir) / "model.safetensors"
+    scenes = eval_scenes(n_scenes, seed)
+    g.cache.clear()
+    cases = []
+    for i, scene in enumerate(scenes):
+        if not scene.refexps:
+            continue
+        results = g.ground(scene.image, [p.text for p in scene.refexps])
+        for r, record in zip(results, ground_expressions(g, [scene])):
+            cases.append({"scene": i, "phrase": r.phrase, "box_cxcywh": r.box_cxcywh,
+                          "box_xyxy_unclipped": r.box_xyxy_unclipped, "itc_image": r.itc_image,
+                          "itc_region": r.itc_region, "itm": r.itm,
+                          "record": {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}})
+    return {"model": g.name, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "seed": seed,
+            "scenes": n_scenes, "command": "python -m xvlm eval ... --json <report> (written beside the report)",
+            "cases": cases}
+
+
 def format_report(report: dict) -> str:
     lines = [f"model: {report['model']}   held-out scenes: {report['scenes']} (seed {report['seed']})", "",
              f"{'expression kind':<16}{'n':>6}{'Acc@0.5':>10}{'mean IoU':>10}{'centre in':>11}{'pointing':>10}"]
@@ -368,4 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from .grounder import DEFAULT_WEIGHTS
+        reference = reference_outputs(g, args.model or DEFAULT_WEIGHTS, seed=args.seed)
+        reference_path(args.json).write_text(json.dumps(reference, indent=1) + "\n")
     return 0

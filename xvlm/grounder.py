@@ -1,8 +1,8 @@
 """The public API: `Grounder` grounds phrases in an image and returns the multi-grained X-VLM signals.
 
 Data path of `ground` (one image encoding, one batched text + fusion pass for all phrases):
-    image -> load_image -> image_to_tensor (squash or letterbox: `Canvas`) -> vision encoder (LRU-cached by pixel
-          hash) -> tokens [1, 1+N, C]
+    image -> load_image (RGB as the model's `VisionConfig.convert` says) -> image_to_tensor (squash or letterbox:
+          `Canvas`) -> vision encoder (LRU-cached by pixel hash) -> tokens [1, 1+N, C]
     phrases -> Tokenizer -> text encoder -> fusion over the whole image -> bbox head (box), itm head (ITM)
     projected patch features x projected text [CLS] -> image / region / object ITC and the patch heatmap
 """
@@ -23,7 +23,8 @@ from . import box_ops
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
-from .preprocess import Canvas, InputError, Tokenizer, check_phrase, image_to_tensor, load_image
+from .preprocess import (Canvas, InputError, Tokenizer, check_phrase, conversion_notes, decode_image, image_to_tensor,
+                         load_image)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
 MAX_PHRASES = 32
@@ -41,8 +42,11 @@ class GroundingResult:
     # The model's square input in pixels of the original image: what the patch grids below cover. The image itself
     # unless the model letterboxes (`VisionConfig.resize`); None: the whole image.
     canvas_xyxy: tuple[float, float, float, float] | None = None
-    box_xyxy: list[float] | None = None            # pixels of the original image
+    box_xyxy: list[float] | None = None            # pixels of the original image, clipped to it (what is drawn)
     box_cxcywh: list[float] | None = None          # normalised, exactly the bbox head output
+    # the head's box in pixels as predicted, possibly past the image's edges: what the official evaluation
+    # (`grounding_eval_bbox`) scores and what parity is checked on
+    box_xyxy_unclipped: list[float] | None = None
     itc_image: float | None = None                 # cosine(image [CLS] feature, text [CLS] feature)
     itc_region: float | None = None                # cosine(predicted-box concept feature, text feature)
     itc_objects: list[float] | None = None         # cosine with each phrase's box concept, in phrase order
@@ -69,6 +73,7 @@ class GroundingResult:
             return None if a is None else np.asarray(a).tolist()
         return {"phrase": self.phrase, "caption": self.caption, "image_size": list(self.image_size),
                 "canvas_xyxy": arr(self.canvas_xyxy), "box_xyxy": self.box_xyxy, "box_cxcywh": self.box_cxcywh,
+                "box_xyxy_unclipped": self.box_xyxy_unclipped,
                 "itc_image": self.itc_image, "itc_region": self.itc_region, "itc_objects": self.itc_objects,
                 "itm": self.itm,
                 "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes}
@@ -195,7 +200,9 @@ class Grounder:
             raise ValueError("official checkpoints need a tokenizer: the bert-base-uncased vocab.txt (or its folder)")
         model = load_official(checkpoint, cfg)
         scorer = load_official(scorer_checkpoint, cfg) if scorer_checkpoint is not None else None
-        tok = Tokenizer.for_config(tokenizer, cfg)
+        # The official grounding evaluation tokenizes with padding='longest' and no truncation (the YAML's max_tokens
+        # is a training setting): cut only where BERT has no position embedding left, with a note.
+        tok = Tokenizer.for_config(tokenizer, cfg, max_tokens=cfg.text.max_position_embeddings)
         if tok.vocab_size != cfg.text.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {cfg.text.vocab_size}")
         return cls(model, tok, scorer=scorer, name=kw.pop("name", Path(checkpoint).name), **kw)
@@ -226,7 +233,7 @@ class Grounder:
     # --- image side ---------------------------------------------------------------------------------------------
     def encode_image(self, image, model: XVLM | None = None) -> ImageEncoding:
         """Vision tokens of `image` for `model` (default: the box model), from the cache when the pixels were seen."""
-        return self._encode(_Pixels.of(image), model or self.model)
+        return self._encode(self._pixels(image), model or self.model)
 
     def _encode(self, px: "_Pixels", model: XVLM) -> ImageEncoding:
         if model is self.scorer and self._shared_vision:
@@ -259,13 +266,13 @@ class Grounder:
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
         single = isinstance(phrases, str)
         phrase_list = _check_phrases([phrases] if single else phrases)
-        px = _Pixels.of(image)                       # decoded and hashed once per call
+        px = self._pixels(image)                     # decoded and hashed once per call
         text = self.tokenizer(phrase_list)
         size, canvas = px.image.size, self.canvas(px.image.size).xyxy
         results = [GroundingResult(p, c, size, canvas) for p, c in zip(phrase_list, text.captions)]
         for r, cut in zip(results, text.truncated):
             if cut:
-                r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
+                r.notes["truncated"] = self._truncation_note()
         with self._inference():
             run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
             boxes, fused = self._boxes(run, results)
@@ -288,7 +295,11 @@ class Grounder:
         pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
         for r, c, xyxy in zip(results, coords.cpu(), pixels):
             r.box_cxcywh = [float(v) for v in c]
-            r.box_xyxy = [float(v) for v in xyxy]
+            r.box_xyxy_unclipped = [float(v) for v in xyxy]
+            r.box_xyxy = box_ops.clip_xyxy(xyxy, r.image_size)
+            if r.box_xyxy != r.box_xyxy_unclipped:
+                r.notes["box_clipped"] = ("the predicted box reached past the image's edges; box_xyxy is clipped to "
+                                          "the image, box_xyxy_unclipped keeps it as predicted")
         return coords, fused
 
     def _itm(self, run: "_Pass", box_fused, results) -> None:
@@ -351,7 +362,7 @@ class Grounder:
         m = self._itc_model
         if m is None:
             raise RuntimeError(NO_ITC)
-        px = _Pixels.of(image)
+        px = self._pixels(image)
         norm = self._normalised_boxes(px, boxes)
         tokens = self._encode(px, m).tokens
         with self._inference():
@@ -405,6 +416,24 @@ class Grounder:
         grads = grads[:, :, :, 1:].clamp(min=0).reshape(1, probs.shape[1], -1, g, g) * keep
         return (cams * grads).mean(1).mean(1)[0].float().cpu().numpy()
 
+    def _truncation_note(self) -> str:
+        n = self.tokenizer.max_tokens
+        if n >= self.model.cfg.text.max_position_embeddings:
+            return (f"phrase cut at the text encoder's {n} position embeddings (the official grounding evaluation "
+                    "does not truncate, but no model reads past that)")
+        return f"phrase truncated to the model's {n} tokens"
+
+    # --- input conversion: the image as this model reads it -------------------------------------------------------
+    def _pixels(self, image) -> "_Pixels":
+        return _Pixels.of(image, self.model.cfg.vision.convert)
+
+    def image_as_seen(self, image) -> tuple[Image.Image, list[str]]:
+        """The RGB image this model reads from `image` (`VisionConfig.convert`; official checkpoints: exactly
+        `Image.open(p).convert('RGB')`), and how it differs from the file as a viewer shows it (empty: it does not)."""
+        decoded = decode_image(image)
+        convert = self.model.cfg.vision.convert
+        return load_image(decoded, convert=convert), conversion_notes(decoded, convert)
+
     # --- retrieval over a gallery (xvlm.retrieval, xvlm.index): these methods only delegate ----------------------
     def retrieval_scores(self, images, texts: list[str], k_test: int = 256):
         """The official `Retrieval.py` evaluation: ITC matrix [images x texts] and the ITM-logit re-ranked i2t / t2i
@@ -437,8 +466,8 @@ class _Pixels:
         self.digest = hashlib.sha1(image.tobytes() + f"|{image.size}".encode()).hexdigest()
 
     @classmethod
-    def of(cls, image) -> "_Pixels":
-        return image if isinstance(image, _Pixels) else cls(load_image(image))
+    def of(cls, image, convert: str) -> "_Pixels":
+        return image if isinstance(image, _Pixels) else cls(load_image(image, convert=convert))
 
 
 class _Pass:

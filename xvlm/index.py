@@ -99,10 +99,10 @@ class GalleryIndex:
         it = self.items[row]
         return it["path"] if it["path"] else str(self.root / "images" / f"{it['pixels_sha1']}.png")
 
-    def open(self, row: int):
-        """The image of a row, decoded from its file (raises InputError when the file went away or changed)."""
-        from .grounder import _Pixels
-        px = _Pixels.of(self.file(row))
+    def open(self, row: int, g):
+        """The image of a row, decoded from its file as `g`'s model reads it (raises InputError when the file went
+        away or changed)."""
+        px = g._pixels(self.file(row))
         if px.digest != self.items[row]["pixels_sha1"]:
             raise IndexError_(f"{self.file(row)} changed since it was indexed: re-index it")
         return px
@@ -335,7 +335,6 @@ def index_images(g, images, index, batch_size: int = 8, save_every: int = 256, p
     already in the index are skipped unread (resume), images with pixels already indexed are reported once as
     duplicates, unreadable ones skipped with the reason; nothing is written if the result would be empty. Saved every
     `save_every` new images, so an interrupted run resumes. The report is `index.report`."""
-    from .grounder import _Pixels
     idx = index if isinstance(index, GalleryIndex) else open_or_create(index, g, source)
     idx.check_model(g)
     images = list(images)
@@ -381,7 +380,7 @@ def index_images(g, images, index, batch_size: int = 8, save_every: int = 256, p
             rep.already_indexed += 1
             continue
         try:
-            px = _Pixels.of(image)
+            px = g._pixels(image)
         except InputError as e:
             rep.skipped.append((given, str(e)))
             continue

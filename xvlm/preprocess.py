@@ -1,6 +1,7 @@
 """Inputs to tensors, exactly as the official grounding evaluation prepares them.
 
-Image: decode safely -> RGB -> bicubic resize to image_res x image_res -> /255 -> normalise (CLIP statistics).
+Image: decode safely -> RGB (`VisionConfig.convert`; official: `convert('RGB')`) -> bicubic resize to
+  image_res x image_res -> /255 -> normalise (CLIP statistics).
   That resize squashes the aspect ratio (official); a model may instead letterbox (`VisionConfig.resize`, `Canvas`).
 Text: `pre_caption` cleaning -> BERT WordPiece -> `[CLS] tokens` with NO trailing [SEP] (X-VLM's tokenizer).
 """
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import IMAGE_MEAN, IMAGE_STD, PUNCTUATION_MODES, RESIZE_MODES
+from .config import CONVERT_MODES, IMAGE_MEAN, IMAGE_STD, PUNCTUATION_MODES, RESIZE_MODES
 
 # A bound on decoded pixels: uploads beyond it are refused before decoding (decompression bombs included).
 MAX_IMAGE_PIXELS = 40_000_000
@@ -28,9 +29,17 @@ class InputError(ValueError):
 
 
 # --- images ------------------------------------------------------------------------------------------------------
-def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Path, PIL image or HxW[xC] array -> RGB PIL image (EXIF orientation applied, first frame of animations).
-    Anything that cannot be decoded raises `InputError` with a message meant for the user."""
+def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS, convert: str = "official") -> Image.Image:
+    """Path, PIL image or HxW[xC] array -> RGB PIL image, converted as `convert` says (`VisionConfig.convert`):
+    'official' is exactly the official reading `Image.open(p).convert('RGB')`, 'composite' applies EXIF orientation
+    and composites alpha on white (`to_rgb`). First frame of animations. Anything that cannot be decoded raises
+    `InputError` with a message meant for the user."""
+    return to_rgb(decode_image(image, max_pixels), max_pixels, convert)
+
+
+def decode_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Path, PIL image or HxW[xC] array -> the decoded PIL image as stored (its own mode, EXIF kept, first frame),
+    refused beyond `max_pixels` before decoding. Errors are `InputError`s with a message meant for the user."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -39,7 +48,8 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
             with Image.open(path) as im:
                 _check_pixels(im.size, max_pixels)       # from the header: nothing is decoded yet
                 im.seek(0)
-                return to_rgb(im, max_pixels)
+                im.load()
+                return im
         except InputError:
             raise
         except Image.DecompressionBombError as e:
@@ -49,13 +59,12 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels)
         try:                                             # a lazily opened image decodes here
-            return to_rgb(image, max_pixels)
-        except InputError:
-            raise
+            image.load()
+            return image
         except _DECODE_ERRORS as e:
             raise InputError(f"cannot read image: {e}") from e
     if isinstance(image, np.ndarray):
-        return to_rgb(array_to_pil(image, max_pixels), max_pixels)
+        return array_to_pil(image, max_pixels)
     raise InputError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a numpy array")
 
 
@@ -120,9 +129,31 @@ def array_to_pil(arr: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def to_rgb(im: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Every PIL mode to RGB: EXIF rotation, 16/32-bit scaled down, float like a float array (NaN refused), alpha
-    (also premultiplied) composited on white, palettes expanded. A mode Pillow cannot convert raises InputError."""
+def to_rgb(im: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS, convert: str = "official") -> Image.Image:
+    """A decoded PIL image of any mode -> RGB, the way `convert` (`VisionConfig.convert`) says.
+
+    'official': `im.convert('RGB')`, exactly what the official code does after `Image.open(p)`: alpha dropped
+      (transparent pixels keep their stored colour), EXIF orientation ignored, 16/32-bit and float values clipped
+      to 0-255 by Pillow, palettes expanded. Only premultiplied 'La' (never read from a file) goes through 'LA'.
+    'composite': EXIF rotation, 16/32-bit scaled down, float like a float array (NaN refused), alpha (also
+      premultiplied) composited on white, palettes expanded.
+    A mode Pillow cannot convert raises InputError."""
+    if convert not in CONVERT_MODES:
+        raise ValueError(f"unknown conversion {convert!r}; choose one of {CONVERT_MODES}")
+    try:
+        if convert == "official":
+            _check_pixels(im.size, max_pixels)
+            if im.mode == "La":                          # premultiplied alpha: Pillow converts it only to LA
+                im = im.convert("LA")
+            return im if im.mode == "RGB" else im.convert("RGB")
+        return _composite_rgb(im, max_pixels)
+    except ValueError as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"unsupported image mode {im.mode}: save the image as an RGB PNG or JPEG") from e
+
+
+def _composite_rgb(im: Image.Image, max_pixels: int) -> Image.Image:
     im = ImageOps.exif_transpose(im) or im
     _check_pixels(im.size, max_pixels)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -138,10 +169,41 @@ def to_rgb(im: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     if im.mode in ("RGBA", "RGBa", "LA", "PA"):
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def conversion_notes(im: Image.Image, convert: str) -> list[str]:
+    """How the RGB image a model reads (`to_rgb(im, convert=convert)`) differs from the decoded file as an image
+    viewer shows it: transparency, EXIF orientation, more than 8 bits. Empty when they are the same."""
+    notes = []
+    if _has_transparency(im):
+        notes.append("its transparency was dropped: transparent pixels show their stored colour, as in the official "
+                     "reading Image.open(p).convert('RGB')" if convert == "official" else
+                     "its transparent pixels were composited on white")
     try:
-        return im.convert("RGB")
-    except ValueError as e:
-        raise InputError(f"unsupported image mode {im.mode}: save the image as an RGB PNG or JPEG") from e
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:       # malformed EXIF: ignored by both readings
+        orientation = 1
+    if orientation not in (1, None) and convert == "official":
+        notes.append(f"its EXIF orientation ({orientation}) was ignored: the pixels are as stored, not rotated as "
+                     "viewers show them (official reading)")
+    if im.mode in _DEEP_MODES:
+        notes.append(f"its {im.mode} values were clipped to 0-255 by Pillow (official reading)" if convert == "official"
+                     else f"its {im.mode} values were scaled to 8 bits")
+    return notes
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif im.mode == "La":
+        im = im.convert("LA")
+    if im.mode not in ("RGBA", "RGBa", "LA", "PA"):
+        return False
+    return im.getchannel("A").getextrema()[0] < 255
 
 
 @dataclass(frozen=True)
@@ -285,10 +347,10 @@ class Tokenizer:
         self.mask_id = self.wordpiece.mask_token_id
 
     @classmethod
-    def for_config(cls, vocab: str | Path, cfg) -> "Tokenizer":
-        """The tokenizer a model of this `XVLMConfig` was trained with."""
-        return cls(vocab, max_tokens=cfg.max_tokens, max_words=cfg.max_words, punctuation=cfg.punctuation,
-                   append_sep=cfg.append_sep)
+    def for_config(cls, vocab: str | Path, cfg, max_tokens: int | None = None) -> "Tokenizer":
+        """The tokenizer a model of this `XVLMConfig` was trained with; `max_tokens` overrides where it truncates."""
+        return cls(vocab, max_tokens=max_tokens or cfg.max_tokens, max_words=cfg.max_words,
+                   punctuation=cfg.punctuation, append_sep=cfg.append_sep)
 
     @property
     def vocab_size(self) -> int:
@@ -297,15 +359,16 @@ class Tokenizer:
     def caption(self, phrase: str) -> str:
         return pre_caption(phrase, self.max_words, self.punctuation)
 
-    def __call__(self, phrases: list[str]) -> TextBatch:
+    def __call__(self, phrases: list[str], max_tokens: int | None = None) -> TextBatch:
+        """Token ids padded to the longest row, each cut at `max_tokens` (default: this tokenizer's)."""
+        limit = max_tokens or self.max_tokens
         captions = [self.caption(p) for p in phrases]
         rows, truncated = [], []
         for cap in captions:
             ids = [self.cls_id] + self.wordpiece.convert_tokens_to_ids(self.wordpiece.tokenize(cap))
             ids += [self.sep_id] if self.append_sep else []
-            truncated.append(len(ids) > self.max_tokens)
-            rows.append(ids[: self.max_tokens - 1] + ids[-1:] if self.append_sep and truncated[-1]
-                        else ids[: self.max_tokens])
+            truncated.append(len(ids) > limit)
+            rows.append(ids[: limit - 1] + ids[-1:] if self.append_sep and truncated[-1] else ids[:limit])
         length = max((len(r) for r in rows), default=1)     # no phrases: an empty batch, not an error
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -55,7 +55,7 @@ def _as_rgb(image) -> np.ndarray:
         return np.ascontiguousarray(image).copy()
     from .preprocess import load_image  # every other mode/dtype: the same conversion the model's input gets
 
-    return np.array(load_image(image), dtype=np.uint8)
+    return np.array(load_image(image, convert="composite"), dtype=np.uint8)   # as a viewer shows it
 
 
 def _thickness(h: int, w: int) -> int:

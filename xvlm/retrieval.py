@@ -38,9 +38,9 @@ FUSION_BATCH = 64          # (text, image) pairs per fusion forward: bounds memo
 
 # --- text and image features, as the official evaluation computes them ----------------------------------------------
 def pad_max_length(batch: TextBatch, max_tokens: int, pad_id: int) -> TextBatch:
-    """The official retrieval's `padding='max_length'`: every row padded with [PAD] (mask 0) to max_tokens. Our
-    tokenizer already truncates to max_tokens (keeping [CLS] + max_tokens-1 pieces, no [SEP]) and pads to the
-    longest row."""
+    """The official retrieval's `padding='max_length'`: every row padded with [PAD] (mask 0) to max_tokens. The batch
+    comes from our tokenizer called with the same max_tokens (it truncates to [CLS] + max_tokens-1 pieces, no [SEP],
+    and pads to the longest row)."""
     n, length = batch.input_ids.shape
     ids = torch.full((n, max_tokens), pad_id, dtype=batch.input_ids.dtype)
     mask = torch.zeros((n, max_tokens), dtype=batch.attention_mask.dtype)
@@ -67,10 +67,13 @@ def check_texts(texts) -> list[str]:
 def encode_texts(g: "Grounder", texts: list[str], model, batch_size: int = 256) -> TextFeatures:
     texts = check_texts(texts)
     tok = g.tokenizer
+    # The official retrieval truncates at the config's max_tokens, unlike its grounding evaluation (for which an
+    # official Grounder's tokenizer cuts only at the position table).
+    max_tokens = model.cfg.max_tokens
     hidden, masks, embeds, captions = [], [], [], []
     with g._inference():
         for i in range(0, len(texts), batch_size):
-            b = pad_max_length(tok(texts[i:i + batch_size]), tok.max_tokens, tok.pad_id)
+            b = pad_max_length(tok(texts[i:i + batch_size], max_tokens=max_tokens), max_tokens, tok.pad_id)
             ids, mask = b.input_ids.to(g.device), b.attention_mask.to(g.device)
             h = model.encode_text(ids, mask)
             hidden.append(h)
@@ -135,7 +138,7 @@ def retrieval_scores(g: "Grounder", images, texts: list[str], k_test: int = 256,
     text_itm = text_itc if itm_m is itc_m else encode_texts(g, texts, itm_m, text_batch_size)
     img_embeds, img_tokens = [], []
     for image in tqdm(images, desc="encoding images", unit="img", disable=not progress):
-        px = _Pixels.of(image)                          # decoded one at a time: a 5K gallery does not fit decoded
+        px = g._pixels(image)                           # decoded one at a time: a 5K gallery does not fit decoded
         img_embeds.append(image_embed(g, g._encode(px, itc_m).tokens, itc_m))
         img_tokens.append(g._encode(px, itm_m).tokens)
     scores = official_scores(g, itm_m, torch.stack(img_embeds), img_tokens, None, text_itc, text_itm, k_test)
@@ -267,7 +270,7 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
 
     def pixels(row: int) -> _Pixels:
         if row not in opened:
-            opened[row] = index.open(row)
+            opened[row] = index.open(row, g)
         return opened[row]
 
     reranked: dict[int, float] = {}
@@ -291,7 +294,7 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
 def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None, rerank: int = 16) -> list[TextHit]:
     """Image -> text: rank `texts` for one image, ITC first, the top `rerank` re-scored by the ITM logit."""
     itc_m, itm_m = _retrieval_models(g)
-    px = _Pixels.of(image)
+    px = g._pixels(image)
     text = encode_texts(g, texts, itc_m)
     sims = (text.embeds @ image_embed(g, g._encode(px, itc_m).tokens, itc_m)).cpu().numpy()
     rerank = min(max(rerank, 0), len(texts))

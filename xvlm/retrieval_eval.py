@@ -47,14 +47,13 @@ def _row(scores, n: int, k_test: int) -> dict:
 
 @torch.inference_mode()
 def image_retrieval(g, scenes, k_test: int = K_TEST) -> dict:
-    from .grounder import _Pixels
     itc_m, itm_m = _retrieval_models(g)
     pairs = _unique((s.image, s.caption) for s in scenes)
     k = min(k_test, len(pairs))
     t_itc, t_itm = _texts(g, [t for _, t in pairs], itc_m, itm_m)
     embeds, tokens = [], []
     for image, _ in pairs:
-        px = _Pixels.of(image)
+        px = g._pixels(image)
         embeds.append(itc_m.image_features(g._encode(px, itc_m).tokens[0, 0]).float())
         tokens.append(g._encode(px, itm_m).tokens)
         g.cache.clear()                       # one pass per image; the tokens are kept here
@@ -64,14 +63,13 @@ def image_retrieval(g, scenes, k_test: int = K_TEST) -> dict:
 
 @torch.inference_mode()
 def region_retrieval(g, scenes, k_test: int = K_TEST) -> dict:
-    from .grounder import _Pixels
     itc_m, itm_m = _retrieval_models(g)
     pairs = _unique(((s.image, s.regions[0].box), s.regions[0].text) for s in scenes if s.regions)
     k = min(k_test, len(pairs))
     t_itc, t_itm = _texts(g, [t for _, t in pairs], itc_m, itm_m)
     embeds, tokens, masks = [], [], []
     for (image, box), _ in pairs:
-        px = _Pixels.of(image)
+        px = g._pixels(image)
         mask = box_patch_mask(g._normalised_boxes(px, [box]), g.grid_size, fmt="xyxy").to(g.device)   # [1, 1+N]
         itc_tokens = g._encode(px, itc_m).tokens
         embeds.append(itc_m.image_features(concept_cls(itc_tokens, mask.to(itc_tokens.dtype))[0]).float())

@@ -73,7 +73,10 @@ SHAPES_MODEL = XVLMConfig(
     # Squashed input, as the official code: letterboxing (resize="letterbox") read shapes better but lost rectangles
     # and small objects, Acc@0.5 0.843 -> 0.804 (runs/v11, weights/README.md). A 16x16 grid (image_res=256) read shapes
     # better per step, but a stage-2 step costs 1.69x: in stage 2's time (3500 steps) Acc@0.5 0.843 -> 0.664 (runs/g16).
-    vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3, stem="conv"),
+    # convert="composite": uploads to the demo are read as a viewer shows them (EXIF rotation, alpha on white); the
+    # synthetic corpus is plain RGB, so training is the same either way
+    vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3, stem="conv",
+                        convert="composite"),
     text=TextConfig(vocab_size=0, hidden_size=192, num_hidden_layers=4, fusion_layer=2, num_attention_heads=3,
                     intermediate_size=768, max_position_embeddings=64,
                     # no dropout: every step sees fresh scenes, so the small model underfits rather than overfits
@@ -229,8 +232,9 @@ def collate(samples, tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage, rng: r
     res, grid, resize = cfg.vision.image_res, cfg.vision.grid_size, cfg.vision.resize
     images, texts, group, boxes, is_image, wants, holds, names_one = [], [], [], [], [], [], [], []
     for i, s in enumerate(samples):
-        images.append(image_to_tensor(s.image, res, resize))
-        canvas = Canvas.of(s.image.size, res, resize)
+        image = s.load(cfg.vision.convert)           # the safe loader, read the way the model reads uploads
+        images.append(image_to_tensor(image, res, resize))
+        canvas = Canvas.of(image.size, res, resize)
         if s.caption:
             texts.append(s.caption), group.append(i), boxes.append((0.0, 0.0, 1.0, 1.0)), is_image.append(True)
             wants.append(None), holds.append(None), names_one.append(True)

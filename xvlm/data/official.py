@@ -3,8 +3,9 @@
 Every reader returns `Sample`s: an image, an optional whole-image caption and phrases with xyxy pixel boxes, i.e.
 X-VLM's multi-grained record (I, T, {(V^j, T^j)}).  Files may be a JSON list (or one object) or JSON lines.
 Official boxes are [x, y, w, h] in pixels of the original image; they are converted to [x0, y0, x1, y1].
-Images are opened when `Sample.image` is read (as the official code does, without EXIF rotation, since the boxes
-refer to the stored pixels), so loading an annotation file is cheap.
+Images are opened when `Sample.image` is read, through the same safe loader as inference (pixel limit, clear errors);
+samples of these files always read the official way (`Image.open(p).convert('RGB')`: no EXIF rotation, since the boxes
+refer to the stored pixels), so loading an annotation file is cheap and its boxes stay right.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..preprocess import MAX_IMAGE_PIXELS, load_image
 from .synthetic import Phrase, Scene, SceneObject
 
 
@@ -28,20 +30,29 @@ class Sample:
     source: Image.Image | Path
     objects: list[SceneObject]     # synthetic scenes only: what `Phrase.target` indexes (ITM false negatives)
 
+    # How the image becomes RGB (`VisionConfig.convert`); None: the model's setting. Official annotation files set
+    # 'official': their boxes are in the stored pixels, which EXIF rotation would move.
+    convert: str | None
+
     def __init__(self, image: Image.Image | str | os.PathLike, caption: str | None = None,
-                 phrases: list[Phrase] | None = None, objects: list[SceneObject] | None = None):
+                 phrases: list[Phrase] | None = None, objects: list[SceneObject] | None = None,
+                 convert: str | None = None):
         self.source = image if isinstance(image, Image.Image) else Path(image)
         self.caption = caption
         self.phrases = list(phrases or [])
         self.objects = list(objects or [])
+        self.convert = convert
+
+    def load(self, convert: str = "official", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+        """The image as RGB, through the inference loader (`preprocess.load_image`: pixel limit, `InputError` naming
+        the file); the sample's own `convert` wins over the model's (`convert`). A path is re-opened on every call,
+        so a dataset of Samples holds no pixels."""
+        return load_image(self.source, max_pixels, convert=self.convert or convert)
 
     @property
     def image(self) -> Image.Image:
-        """The image as RGB; a path is re-opened on every access so a dataset of Samples holds no pixels."""
-        if isinstance(self.source, Image.Image):
-            return self.source if self.source.mode == "RGB" else self.source.convert("RGB")
-        with Image.open(self.source) as im:
-            return im.convert("RGB")
+        """`load()` with the official reading unless the sample says otherwise."""
+        return self.load()
 
 
 def scene_to_sample(scene: Scene) -> Sample:
@@ -56,7 +67,7 @@ def load_image_text_json(path: str | os.PathLike, image_root: str | os.PathLike 
         image = _image_path(rec, path, i, image_root)
         captions = _field(rec, ("caption", "text"), path, i)
         for caption in captions if isinstance(captions, list) else [captions]:
-            samples.append(Sample(image, _text(caption, "caption", path, i)))
+            samples.append(Sample(image, _text(caption, "caption", path, i), convert="official"))
     return samples
 
 
@@ -79,7 +90,7 @@ def load_region_json(path: str | os.PathLike, image_root: str | os.PathLike = ""
         if caption is None and not elems:
             raise ValueError(f"{path}: record {i}: neither a 'caption' nor 'elems'")
         phrases = [_elem_phrase(e, kind, path, i) for e in elems]
-        samples.append(Sample(image, caption, phrases))
+        samples.append(Sample(image, caption, phrases, convert="official"))
     return samples
 
 
@@ -95,7 +106,8 @@ def load_grounding_json(path: str | os.PathLike, image_root: str | os.PathLike =
             continue
         text = _text(_field(rec, ("text",), path, i), "text", path, i)
         box = _xywh_to_xyxy(rec["bbox"], path, i)
-        samples.append(Sample(_image_path(rec, path, i, image_root), None, [Phrase(text, box, "refexp", ())]))
+        samples.append(Sample(_image_path(rec, path, i, image_root), None, [Phrase(text, box, "refexp", ())],
+                              convert="official"))
     if records and not samples:
         raise ValueError(f"{path}: no record has a 'bbox' (an official test split?), nothing to train or evaluate on")
     return samples
