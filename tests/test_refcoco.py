@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from xvlm import Grounder
+from xvlm.preprocess import Tokenizer
 from xvlm.refcoco import Refer, evaluate, main, official_iou, official_xywh, read_refs_pickle
 
 torch.set_num_threads(1)
@@ -129,7 +130,8 @@ def test_the_command_does_not_truncate_long_expressions_like_the_official_evalua
     test = tmp_path / "long.json"
     test.write_text(json.dumps([{"image": CASES[0]["image"], "text": long_text, "ref_id": 0}]))
     g = Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
-    assert len(g.tokenizer([long_text]).input_ids[0]) == 40                         # the Grounder's default bound
+    assert len(g.tokenizer([long_text]).input_ids[0]) == 62        # official Grounders: bounded by positions only
+    g.tokenizer = Tokenizer.for_config(TEXT, g.model.cfg)           # the YAML's 40-token training bound: counted
     refer = Refer.load(dataset, "refcoco+", "unc")
     assert evaluate(g, json.loads(test.read_text()), refer, dataset / "images", progress=False)["truncated"] == 1
     out = tmp_path / "report.json"
