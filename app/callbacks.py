@@ -37,6 +37,9 @@ from PIL import Image, UnidentifiedImageError
 from xvlm.grounder import NO_BOX, NO_ITC, NO_ITM, Grounder, GroundingResult
 from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, load_image, pre_caption
 from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
+from xvlm.vocabulary import NOTE_KEY as UNKNOWN
+
+from .knowledge import describe_knowledge, unknown_word_warning
 
 MAX_PHRASES = 16
 MAX_TEXT_CHARS = 20_000
@@ -166,7 +169,12 @@ def capability_notes(g: Grounder) -> dict[str, str]:
     return out
 
 
-def describe_model(g: Grounder) -> str:
+def describe_model(g: Grounder, model_dir: str | Path | None = None) -> str:
+    """One line on the model's heads and input; with its folder, also what it knows and its measured accuracy."""
+    return _describe_heads(g) + "\n\n" + describe_knowledge(g, model_dir)
+
+
+def _describe_heads(g: Grounder) -> str:
     caps = g.capabilities
     labels = (("box", "bbox head"), ("itc", "ITC head"), ("itm", "ITM head"), ("gradcam", "Grad-CAM"))
     has = ", ".join(label for k, label in labels if caps[k]) or "nothing"
@@ -300,7 +308,8 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         view.objects_note = missing["objects"]
 
     view.scores = {"headers": SCORE_HEADERS, "data": [
-        [i + 1, r.phrase, _box_str(clip_box(r.box_xyxy, r.image_size)), _num(r.itc_image), _num(r.itc_region),
+        [i + 1, r.phrase + (f"  ⚠️ unknown: {', '.join(r.notes[UNKNOWN])}" if UNKNOWN in r.notes else ""),
+         _box_str(clip_box(r.box_xyxy, r.image_size)), _num(r.itc_image), _num(r.itc_region),
          _num(r.itm)]
         for i, r in enumerate(results)]}
 
@@ -319,6 +328,8 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
             notes.append(f"Phrase {i + 1}: the model reads only its first {max_words} words ({words} given).")
         if "truncated" in r.notes:
             notes.append(f"Phrase {i + 1}: {r.notes['truncated']}.")
+        if unknown_word_warning(i, r):
+            notes.append(unknown_word_warning(i, r))
     notes += [v for k, v in missing.items()]
     view.message = "\n\n".join(notes)
     return view

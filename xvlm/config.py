@@ -79,6 +79,10 @@ class XVLMConfig:
     max_tokens: int = 40
     # Which heads the model has. Official checkpoints differ here: the RefCOCO+ bbox model has only the box head.
     heads: tuple[str, ...] = ("itc", "itm", "bbox")
+    # The closed training vocabulary (whole words) of a model trained on a closed corpus, such as the shapes model:
+    # words outside it are unknown to the model even when WordPiece splits them into known pieces
+    # (`xvlm.vocabulary`). None: an open vocabulary, where a word is unknown when it becomes [UNK].
+    words: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +94,8 @@ class XVLMConfig:
         text = TextConfig(**d.pop("text", {}))
         if "heads" in d:
             d["heads"] = tuple(d["heads"])
+        if d.get("words") is not None:
+            d["words"] = tuple(d["words"])
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
