@@ -150,3 +150,17 @@ def test_the_varied_style_is_seeded_and_leaves_the_other_styles_alone():
     assert h.hexdigest() == "d1ce37fcd6c0dc3055f860ea73de77ceb1d05f1e564081f07cd8824e4db84918"
     with pytest.raises(ValueError):
         generate_scene(0, style="photo")
+
+
+def test_crowded_scenes_still_come_out_with_their_labels():
+    """Too many, too large objects for a small image, blurred edges that touching neighbours share: the layout falls
+    back (apart, then smaller) instead of failing, and labels stay consistent."""
+    for seed in range(2):
+        for layout in ("touching", "overlapping"):
+            style = VariedStyle(width=150, height=150, layout=layout, object_scale=0.25, antialias="blur")
+            scene = generate_scene(np.random.default_rng([9, seed]), style=style, min_objects=7, max_objects=8)
+            assert len(scene.objects) >= 7
+            for o in scene.objects:
+                assert 0 <= o.box[0] < o.box[2] <= 150 and 0 <= o.box[1] < o.box[3] <= 150
+            for p in scene.refexps:
+                assert resolve(p.spec, scene.objects, scene.image.size) == list(p.target)
