@@ -42,8 +42,9 @@ def describe_knowledge(g, model_dir: str | Path | None = None) -> str:
                  "flagged as unknown.")
     else:
         named = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if k != "other")
-        knows = (f"**This model knows only these words** — {named} (and {len(groups.get('other', []))} function words "
-                 "and plurals). Any other word is flagged as unknown beside its phrase: the model never saw it.")
+        n_other = len(groups.get("other", []))
+        knows = (f"**This model knows only these words** — {named} (and {n_other} other words: plurals, numbers, "
+                 "articles). Any other word is flagged as unknown beside its phrase: the model never saw it.")
     measured = measured_accuracy(model_dir)
     if not measured:
         return knows + " **Measured accuracy:** no eval report on file for this model."
@@ -68,9 +69,9 @@ def unknown_word_warning(index: int, result) -> str | None:
     if not words:
         return None
     listed = ", ".join(f"'{w}'" for w in words)
-    return (f"⚠️ Phrase {index + 1}: the model does not know {listed} — it was never trained on "
-            f"{'these words' if len(words) > 1 else 'this word'}, so its box ignores {'them' if len(words) > 1 else 'it'}"
-            " and is a guess.")
+    these = "these words" if len(words) > 1 else "this word"
+    return (f"⚠️ Phrase {index + 1}: the model does not know {listed} — it never saw {these} in training, so the box "
+            f"cannot follow {'them' if len(words) > 1 else 'it'} and is a guess.")
 
 
 __all__ = ["measured_accuracy", "describe_knowledge", "unknown_word_warning", "EVAL_FILES"]
