@@ -39,3 +39,19 @@ def test_a_tiny_run_on_the_varied_corpus_trains_every_stage_and_records_its_word
     g = Grounder.from_pretrained(tmp_path / "run" / "final", device="cpu")
     assert g.model.cfg.words == tuple(VOCAB_WORDS)
     assert g.ground(SyntheticSource(1, "varied").batch(0, 0, 1)[0].image, "the cat").notes["unknown_words"] == ["cat"]
+
+
+def test_stage_steps_from_the_command_line():
+    import pytest
+    from xvlm.train import parse_stage_steps
+
+    recipe = RECIPES["shapes-varied"]
+    steps = parse_stage_steps(["grounding=9000", "grounding-fusion=400"], recipe)
+    assert [s.steps for s in with_stage_steps(recipe, **steps).stages] == [1000, 9000, 400]
+    for bad in (["grounding"], ["stage2=10"], ["grounding=0"], ["grounding=x"]):
+        with pytest.raises(ValueError, match="--stage-steps"):
+            parse_stage_steps(bad, recipe)
+    with pytest.raises(SystemExit) as e:
+        from xvlm.train import main
+        main(["--recipe", "shapes-varied", "--out", "unused", "--stage-steps", "stage2=10"])
+    assert e.value.code == 2

@@ -617,6 +617,18 @@ def export(run_dir: str | Path, dest: str | Path) -> None:
         (dest / name).write_bytes((src / name).read_bytes())
 
 
+def parse_stage_steps(items: list[str], recipe: Recipe) -> dict[str, int]:
+    """['grounding=9000', ...] -> {'grounding': 9000} for `with_stage_steps`; ValueError for anything else."""
+    names = [s.name for s in recipe.stages]
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in names or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--stage-steps {item!r}: expected STAGE=N with STAGE one of {names} and N >= 1")
+        out[name.replace("-", "_")] = int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xvlm train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -624,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, stages/NAME/, final/")
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's steps (e.g. 4 on a GPU)")
     p.add_argument("--batch-images", type=int, help="override the recipe's images per step")
+    p.add_argument("--stage-steps", nargs="+", metavar="STAGE=N", default=[],
+                   help="set stages' steps (e.g. grounding=9000: fit stage 2 to the time at hand); fix it before the "
+                        "run starts, since the learning-rate schedule depends on it")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=200)
@@ -643,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = scaled(RECIPES[args.recipe], args.steps_scale) if args.steps_scale != 1.0 else RECIPES[args.recipe]
+    if args.stage_steps:
+        try:
+            recipe = with_stage_steps(recipe, **parse_stage_steps(args.stage_steps, recipe))
+        except ValueError as e:
+            p.error(str(e))
     if args.batch_images:
         recipe = dataclasses.replace(recipe, batch_images=args.batch_images)
     if args.seed is not None:
