@@ -1,6 +1,7 @@
 """Seconds per step of each stage of a training recipe, and the whole recipe's estimated time (short: a few steps).
 
     python scripts/time_recipe.py --recipe shapes-varied --steps 8 [--reference shapes] [--threads 2]
+    python scripts/time_recipe.py --recipe shapes-varied --reference shapes --data-only   # the data side alone
 
 Runs `--steps` steps of every stage (fresh weights: the arithmetic of a step does not depend on them) through
 `xvlm.train.train` in a temporary folder and reads the step times from its log, skipping each stage's first three
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # run as a script from anywhere
@@ -40,6 +42,28 @@ def time_stages(recipe_name: str, steps: int) -> dict[str, float]:
     return out
 
 
+def time_data(recipe_names: list[str], reps: int = 4) -> dict[str, float]:
+    """Median seconds to draw and collate one stage-2 batch of each recipe's corpus, the recipes interleaved so that a
+    shared machine's load hits them alike."""
+    import random
+    import statistics
+
+    from xvlm.train import SyntheticSource, collate, make_tokenizer
+
+    times: dict[str, list[float]] = {name: [] for name in recipe_names}
+    with tempfile.TemporaryDirectory() as d:
+        tok = make_tokenizer(Path(d), RECIPES[recipe_names[0]].model, None)
+        for rep in range(reps):
+            for name in recipe_names:
+                r = RECIPES[name]
+                cfg = dataclasses.replace(r.model, text=dataclasses.replace(r.model.text, vocab_size=tok.vocab_size))
+                t0 = time.perf_counter()
+                collate(SyntheticSource(0, r.corpus).batch(100 + rep, 0, r.batch_images), tok, cfg, r.stages[1],
+                        random.Random(rep))
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def report(recipe_name: str, per_step: dict[str, float], scale: float | None) -> float:
     recipe = RECIPES[recipe_name]
     total = 0.0
@@ -62,11 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="steps timed per stage (at least 4)")
     p.add_argument("--reference", choices=sorted(RECIPES), help="also time this recipe (e.g. shapes)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--data-only", action="store_true",
+                   help="time only drawing + collating a stage-2 batch (seconds; interleaved with --reference)")
     args = p.parse_args(argv)
     if args.steps < 4:
         p.error("--steps must be at least 4")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data_only:
+        names = [args.recipe] + ([args.reference] if args.reference else [])
+        data = time_data(names)
+        for name in names:
+            print(f"{name}: {data[name]:.3f} s to draw and collate a stage-2 batch ({RECIPES[name].batch_images} "
+                  f"scenes, corpus {RECIPES[name].corpus!r}, {RECIPES[name].model.vision.image_res} px)")
+        if args.reference:
+            print(f"ratio {data[args.recipe] / data[args.reference]:.2f}")
+        return 0
     timed = time_stages(args.recipe, args.steps)
     scale = None
     if args.reference:

@@ -159,8 +159,8 @@ def with_stage_steps(recipe: Recipe, **steps: int) -> Recipe:
 # long stage 2. Why the grid: it read shapes and small objects better per step than 12x12 and lost only for want of
 # steps at the 90-minute budget (runs/g16, weights/README.md); the varied corpus' smallest objects are under half a
 # 12x12 patch at 192 px. Why steps: every lengthening of stage 2 raised the boxes (runs/v4..v10, runs/c2). The stage
-# lengths fill about 6 CPU-hours at the step times `python scripts/time_recipe.py` measured (weights/README.md, "The
-# next model"). Resumable: rerun the same command (checkpoint.pt every 200 steps; --max-minutes to stop cleanly).
+# lengths fill about 5.3 of the 6 CPU-hours by the estimate in weights/README.md (the issue #26 section; --stage-steps
+# resizes stage 2). Resumable: rerun the same command (checkpoint.pt every 200 steps; --max-minutes stops cleanly).
 RECIPES["shapes-varied"] = with_stage_steps(
     dataclasses.replace(RECIPES["shapes-grid16"], corpus="varied"), pretrain=1000, grounding=12000)
 # The cheaper first step: stages 2 and 3 once more on the shipped 12x12 weights, drawn from the varied corpus (run
