@@ -38,6 +38,9 @@ from xvlm.config import model_family
 from xvlm.grounder import NO_BOX, NO_ITC, NO_ITM, Grounder, GroundingResult
 from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, decode_image, pre_caption
 from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
+from xvlm.vocabulary import NOTE_KEY as UNKNOWN
+
+from .knowledge import describe_knowledge, unknown_word_warning
 
 MAX_PHRASES = 16
 MAX_TEXT_CHARS = 20_000
@@ -168,7 +171,12 @@ def capability_notes(g: Grounder) -> dict[str, str]:
     return out
 
 
-def describe_model(g: Grounder) -> str:
+def describe_model(g: Grounder, model_dir: str | Path | None = None) -> str:
+    """One line on the model's heads and input; with its folder, also what it knows and its measured accuracy."""
+    return _describe_heads(g) + "\n\n" + describe_knowledge(g, model_dir)
+
+
+def _describe_heads(g: Grounder) -> str:
     caps = g.capabilities
     labels = (("box", "bbox head"), ("itc", "ITC head"), ("itm", "ITM head"), ("gradcam", "Grad-CAM"))
     has = ", ".join(label for k, label in labels if caps[k]) or "nothing"
@@ -304,7 +312,8 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         view.objects_note = missing["objects"]
 
     view.scores = {"headers": SCORE_HEADERS, "data": [
-        [i + 1, r.phrase, _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region),
+        [i + 1, r.phrase + (f"  ⚠️ unknown: {', '.join(r.notes[UNKNOWN])}" if UNKNOWN in r.notes else ""),
+         _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region),
          _num(r.itm)]
         for i, r in enumerate(results)]}
 
@@ -327,6 +336,8 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         if "box_clipped" in r.notes:
             notes.append(f"Phrase {i + 1}: the predicted box reached past the image's edges; it is drawn and "
                          "exported clipped to the image (`box_xyxy`; the JSON keeps `box_xyxy_unclipped`).")
+        if unknown_word_warning(i, r):
+            notes.append(unknown_word_warning(i, r))
     if conversion:
         notes.append(conversion_message(conversion))
     notes += [v for k, v in missing.items()]

@@ -113,6 +113,11 @@ class ModelRegistry:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
+    def model_dir(self, name: str | None = None) -> Path | None:
+        """The folder of a model in our format (where its eval reports sit beside it); None for official ones."""
+        spec = self._specs.get(name or self.default)
+        return Path(spec.path) if spec is not None and spec.kind == "pretrained" else None
+
     def get(self, name: str | None = None) -> Grounder:
         """The grounder called `name` (default: the first one), loading it on first use."""
         name = name or self.default

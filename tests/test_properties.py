@@ -8,6 +8,7 @@ are reproducible; set XVLM_HYPOTHESIS_RANDOM=1 to explore new examples, XVLM_HYP
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -25,7 +26,7 @@ from PIL import Image
 
 from xvlm import Grounder, InputError
 from xvlm.grounder import MAX_PHRASES
-from xvlm.preprocess import check_phrase, load_image
+from xvlm.preprocess import Tokenizer, check_phrase, load_image
 
 torch.set_num_threads(1)
 F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
@@ -96,6 +97,11 @@ def clip(box, w, h):
     return [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h)]
 
 
+@functools.cache
+def _fixture_tokenizer() -> Tokenizer:
+    return Tokenizer(F / "vocab.txt")
+
+
 def check_result(r, size: tuple[int, int], grid: int) -> None:
     W, H = size
     assert r.image_size == (W, H)
@@ -121,7 +127,10 @@ def check_result(r, size: tuple[int, int], grid: int) -> None:
     assert r.patch_heatmap.shape == (grid, grid) and np.isfinite(r.patch_heatmap).all()
     assert np.abs(r.patch_heatmap).max() <= 1 + eps
     assert r.region_mask.shape == (grid, grid) and r.region_mask.dtype == bool
-    assert set(r.notes) <= {"truncated", "box_clipped"}       # the fixture model has every head
+    assert set(r.notes) <= {"truncated", "box_clipped", "unknown_words"}     # the fixture model has every head
+    words = r.caption.split()                                 # its open vocabulary: unknown = becomes [UNK]
+    assert r.notes.get("unknown_words", []) == [w for w in dict.fromkeys(words)
+                                                if "[UNK]" in _fixture_tokenizer().wordpiece.tokenize(w)]
 
 
 def phrase_is_valid(p) -> bool:

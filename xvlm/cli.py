@@ -156,7 +156,7 @@ def format_table(results, image_name: str, model_name: str) -> str:
         lines.append(f"    ITC region  : {_fmt(r.itc_region)}")
         lines.append(f"    ITM         : {_fmt(r.itm)}")
         for k, v in r.notes.items():
-            lines.append(f"    note {k:<7}: {v}")
+            lines.append(f"    note {k:<7}: {', '.join(v) if isinstance(v, list) else v}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -97,6 +97,10 @@ class XVLMConfig:
     def __post_init__(self):
         if self.punctuation not in PUNCTUATION_MODES:
             raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, got {self.punctuation!r}")
+    # The closed training vocabulary (whole words) of a model trained on a closed corpus, such as the shapes model:
+    # words outside it are unknown to the model even when WordPiece splits them into known pieces
+    # (`xvlm.vocabulary`). None: an open vocabulary, where a word is unknown when it becomes [UNK].
+    words: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,6 +112,8 @@ class XVLMConfig:
         text = TextConfig(**d.pop("text", {}))
         if "heads" in d:
             d["heads"] = tuple(d["heads"])
+        if d.get("words") is not None:
+            d["words"] = tuple(d["words"])
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")

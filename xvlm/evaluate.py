@@ -400,12 +400,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--probe", action="store_true",
                    help="also fit linear read-outs of object boxes and shapes from concept features (diagnostics)")
+    p.add_argument("--cross-renderer", type=int, default=0, metavar="N",
+                   help="also ground the expressions of N scenes drawn by the independent OpenCV renderer "
+                        "(xvlm.crossrender; report key 'cross_renderer')")
+    p.add_argument("--cross-only", action="store_true",
+                   help="with --cross-renderer: skip the in-distribution eval (the report holds only that block)")
     args = p.parse_args(argv)
     if args.retrieval == -1:
         return retrieval_eval.main(args)
+    if args.cross_only and not args.cross_renderer:
+        p.error("--cross-only goes with --cross-renderer N")
     g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
-    report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)
-    print(format_report(report))
+    if args.cross_only:
+        report = {"model": g.name}
+    else:
+        report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)
+        print(format_report(report))
+    if args.cross_renderer:
+        from .crossrender import evaluate_cross_renderer, format_cross_report
+        g.cache.clear()
+        report["cross_renderer"] = evaluate_cross_renderer(g, args.cross_renderer)
+        print(("" if args.cross_only else "\n") + format_cross_report(report["cross_renderer"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         from .grounder import DEFAULT_WEIGHTS

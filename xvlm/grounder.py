@@ -25,6 +25,7 @@ from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
 from .preprocess import (Canvas, InputError, Tokenizer, check_phrase, conversion_notes, decode_image, image_to_tensor,
                          load_image)
+from .vocabulary import note_unknown_words
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
 MAX_PHRASES = 32
@@ -53,7 +54,7 @@ class GroundingResult:
     itm: float | None = None                       # ITM match probability
     patch_heatmap: np.ndarray | None = None        # (G, G) cosine(vision_proj(patch), text_proj(text [CLS]))
     region_mask: np.ndarray | None = None          # (G, G) bool: patches of the predicted box (its concept)
-    notes: dict[str, str] = field(default_factory=dict)   # why a field is None, truncation, ...
+    notes: dict[str, str | list[str]] = field(default_factory=dict)   # why a field is None, truncation, unknown_words
 
     @property
     def canvas(self) -> Canvas:
@@ -273,6 +274,7 @@ class Grounder:
         for r, cut in zip(results, text.truncated):
             if cut:
                 r.notes["truncated"] = self._truncation_note()
+        note_unknown_words(results, self.tokenizer, self.model.cfg.words)     # notes["unknown_words"]
         with self._inference():
             run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
             boxes, fused = self._boxes(run, results)

@@ -197,10 +197,15 @@ def _by_relation(cands: list[int], relation: str, anchor: SceneObject, objects: 
 # --- generation ---------------------------------------------------------------------------------------------------
 def generate_scene(seed_or_rng: int | np.random.Generator, *, style: str | RenderStyle = "train",
                    min_objects: int = 2, max_objects: int = 6) -> Scene:
-    """One random scene; identical for an identical seed (or generator state) and arguments."""
+    """One random scene; identical for an identical seed (or generator state) and arguments. `style`: 'train',
+    'eval', a `RenderStyle`, or 'varied' / a `VariedStyle` (the renderer of `xvlm.data.varied`)."""
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
+    if not isinstance(style, RenderStyle) and style not in STYLES:    # 'varied' has a renderer of its own
+        from .varied import VariedStyle, generate_varied_scene
+        if style == "varied" or isinstance(style, VariedStyle):
+            return generate_varied_scene(rng, None if style == "varied" else style, min_objects, max_objects)
     render = style if isinstance(style, RenderStyle) else sample_render_style(rng, style)
     palette = [c for c in COLORS if c != ("black" if render.dark else "white")]
     attrs = _plan_attributes(rng, int(rng.integers(min_objects, max_objects + 1)), palette)

@@ -1,0 +1,43 @@
+"""scripts/regenerate.py: the card's generated blocks come from the eval reports, and nothing else changes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("regenerate", ROOT / "scripts" / "regenerate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_card_blocks_are_the_shipped_reports():
+    """The card's generated blocks are exactly what the script makes of weights/eval*.json (run it after an eval)."""
+    script = _script()
+    blocks = script.generated_blocks(json.loads(script.EVAL_JSON.read_text()), json.loads(script.CROSS_JSON.read_text()))
+    card = script.CARD.read_text()
+    assert script.update_card(card, blocks) == card
+    assert "0.832" in blocks["cross-renderer"] and "shape only" in blocks["cross-renderer"]
+
+
+def test_update_card_replaces_only_the_named_blocks():
+    script = _script()
+    card = ("intro\n<!-- begin generated: a -->\nold a\n<!-- end generated: a -->\nmiddle\n"
+            "<!-- begin generated: b -->\nold b\nmore\n<!-- end generated: b -->\nend\n")
+    new = script.update_card(card, {"b": "new b"})
+    assert new == card.replace("old b\nmore", "new b")
+    with pytest.raises(ValueError, match="no generated block 'c'"):
+        script.update_card(card, {"c": "x"})
+
+
+def test_dry_run_lists_the_commands(capsys):
+    script = _script()
+    assert script.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--probe --json" in out and "--cross-renderer 300 --cross-only" in out and "make_assets.py" in out
