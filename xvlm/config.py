@@ -79,6 +79,9 @@ class XVLMConfig:
     max_tokens: int = 40
     # Which heads the model has. Official checkpoints differ here: the RefCOCO+ bbox model has only the box head.
     heads: tuple[str, ...] = ("itc", "itm", "bbox")
+    # ITM probability from which a phrase counts as found in the image (`xvlm.analysis.verdict`), fitted by
+    # `python -m xvlm calibrate`; None: not calibrated (0.5 is used and the verdict says so).
+    found_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
