@@ -18,7 +18,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 # command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
-LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench"}
+LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench",
+                 "calibrate": "xvlm.analysis.verdict"}
 HEATMAP_KEYS = ("patch_heatmap", "region_mask")
 
 USAGE = """usage: python -m xvlm <command> [args]
@@ -28,6 +29,7 @@ commands:
   train    train a model (xvlm.train)
   eval     evaluate a model (xvlm.evaluate)
   bench    benchmark a model (xvlm.bench)
+  calibrate  fit the not-found verdict's threshold on present / absent phrases (xvlm.analysis.verdict)
 """
 
 
@@ -149,6 +151,13 @@ def format_table(results, image_name: str, model_name: str) -> str:
         lines.append(f"    ITC image   : {_fmt(r.itc_image)}")
         lines.append(f"    ITC region  : {_fmt(r.itc_region)}")
         lines.append(f"    ITM         : {_fmt(r.itm)}")
+        if r.found is not None:
+            lines.append(f"    found       : {'yes' if r.found else 'NOT FOUND'} (score {r.found_score:.3f})")
+        if r.evidence:
+            from .analysis.evidence import flag
+            mass = _fmt(r.evidence["itc_mass_in_box"], ".2f")
+            lines.append(f"    evidence    : {flag(r)}; ITC mass in box {mass}, "
+                         f"ITC peak in box {'yes' if r.evidence['itc_peak_in_box'] else 'no'}")
         for k, v in r.notes.items():
             lines.append(f"    note {k:<7}: {v}")
         lines.append("")

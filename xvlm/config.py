@@ -79,9 +79,11 @@ class XVLMConfig:
     max_tokens: int = 40
     # Which heads the model has. Official checkpoints differ here: the RefCOCO+ bbox model has only the box head.
     heads: tuple[str, ...] = ("itc", "itm", "bbox")
-    # ITM probability from which a phrase counts as found in the image (`xvlm.analysis.verdict`), fitted by
-    # `python -m xvlm calibrate`; None: not calibrated (0.5 is used and the verdict says so).
+    # The not-found verdict (`xvlm.analysis.verdict`), fitted by `python -m xvlm calibrate`: found_score =
+    # sigmoid(a * logit(ITM) + b * ITC(region) + c) with found_score_weights (a, b, c), or the ITM probability when
+    # None; found when found_score >= found_threshold. None: not calibrated (ITM >= 0.5, and the verdict says so).
     found_threshold: float | None = None
+    found_score_weights: tuple[float, float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .analysis import verdict
 from .box_ops import paired_iou
 from .grounder import Grounder, GroundingResult
 
@@ -280,6 +281,7 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
     report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
+    report["found"] = verdict.evaluate_found(g, scenes, seed)      # the not-found verdict at the model's threshold
     if probe:
         g.cache.clear()
         concepts = object_concepts(g, scenes)           # one vision pass per scene for both read-outs
@@ -332,6 +334,7 @@ def format_report(report: dict) -> str:
     if itm and itm["n"]:
         lines += ["", f"ITM, present vs absent object label ({itm['n']} scenes): accuracy {itm['accuracy']:.3f}  "
                       f"ranking {itm['ranking']:.3f}"]
+    lines += verdict.format_found(report.get("found"))
     if "box_probe_r2" in report:
         r = report["box_probe_r2"]
         lines += ["", f"linear read-out of the object box from its concept [CLS] (R^2 on {r['n_scored']} held-out "

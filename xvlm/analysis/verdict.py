@@ -1,9 +1,11 @@
 """The not-found verdict: is the phrase's object in the image at all?
 
-Every grounding result gets `found` (bool) and `found_score` (the ITM match probability of the phrase with the whole
-image: the score the shipped model was trained to give "is this phrase in the picture", weights/README.md). The
-threshold is calibrated per model on present and absent phrases of held-out scenes and stored in the model's
-config.json (`found_threshold`); a model without one uses ITM 0.5 and its verdicts say "uncalibrated".
+Every grounding result gets `found` (bool) and `found_score`. The score starts from the ITM match probability of the
+phrase with the whole image (what the shipped model was trained to answer "is this phrase in the picture",
+weights/README.md); calibration adds ITC(region), the phrase's cosine with its box's concept, through a logistic
+regression: sigmoid(a * logit(ITM) + b * ITC(region) + c). Weights and threshold are fitted per model on present
+and absent phrases of held-out scenes and stored in the model's config.json (`found_score_weights`,
+`found_threshold`); a model without them uses ITM >= 0.5 and its verdicts say "uncalibrated".
 
     python -m xvlm calibrate [--model weights/xvlm-shapes] [--scenes 300] [--write]
 
@@ -38,18 +40,45 @@ def threshold(g) -> tuple[float | None, bool]:
     return (DEFAULT_THRESHOLD, False) if t is None else (float(t), True)
 
 
+def weights(g) -> tuple[float, float, float] | None:
+    m = g._itm_model
+    w = getattr(m.cfg, "found_score_weights", None) if m is not None else None
+    return None if w is None else tuple(float(v) for v in w)
+
+
+def found_score(itm: float | None, itc_region: float | None, w) -> float | None:
+    """sigmoid(a * logit(ITM) + b * ITC(region) + c), or ITM itself without weights; None when an input is missing.
+    ITC(region) helps where ITM alone errs: an absent phrase's box lands on an object that does not look like it."""
+    if itm is None:
+        return None
+    if w is None:
+        return float(itm)
+    if itc_region is None:
+        return None
+    p = min(max(float(itm), 1e-6), 1 - 1e-6)
+    z = w[0] * np.log(p / (1 - p)) + w[1] * float(itc_region) + w[2]
+    return float(1 / (1 + np.exp(-z)))
+
+
 def apply(g, results) -> None:
     """Fill `found` / `found_score` of results that `g` grounded (their `itm` is set when the model has ITM)."""
     t, calibrated = threshold(g)
+    w = weights(g) if calibrated else None
     for r in results:
-        if t is None or r.itm is None:
+        score = found_score(r.itm, r.itc_region, w) if t is not None else None
+        if score is None and w is not None and r.itm is not None:       # calibrated with ITC(region), which is missing
+            score, t_r, note = float(r.itm), DEFAULT_THRESHOLD, UNCALIBRATED.replace(
+                "no `found_threshold` in the model's config", "no ITC(region) for the calibrated score")
+        else:
+            t_r, note = t, (None if calibrated else UNCALIBRATED)
+        if score is None:
             r.found, r.found_score = None, None
             r.notes["found"] = "no verdict: " + r.notes.get("itm", "no ITM score")
             continue
-        r.found_score = float(r.itm)
-        r.found = bool(r.found_score >= t)
-        if not calibrated:
-            r.notes["found"] = UNCALIBRATED
+        r.found_score = score
+        r.found = bool(score >= t_r)
+        if note:
+            r.notes["found"] = note
 
 
 # --- phrases ------------------------------------------------------------------------------------------------------
@@ -90,9 +119,36 @@ def score_scenes(g, scenes, seed: int, progress: bool = False) -> list[dict]:
         rows = [(k, p, False) for k, p in absent] + [(k, p, True) for k, p in present_phrases(scene)]
         rows = rows[:MAX_PHRASES]
         results = g.ground(scene.image, [p for _, p, _ in rows])
-        records += [{"kind": k, "phrase": p, "present": present, "score": r.itm}
-                    for (k, p, present), r in zip(rows, results)]
+        records += [{"kind": k, "phrase": p, "present": present, "itm": r.itm, "itc_region": r.itc_region,
+                     "score": r.found_score} for (k, p, present), r in zip(rows, results)]
     return records
+
+
+def rescore(records: list[dict], w) -> list[dict]:
+    return [{**r, "score": found_score(r["itm"], r["itc_region"], w)} for r in records]
+
+
+def fit_weights(records: list[dict]) -> tuple[float, float, float]:
+    """Logistic regression of present vs absent on (logit ITM, ITC(region)), both classes weighed equally."""
+    import torch
+
+    rows = [r for r in records if r["itm"] is not None and r["itc_region"] is not None]
+    p = torch.tensor([r["itm"] for r in rows], dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    X = torch.stack([torch.log(p / (1 - p)), torch.tensor([r["itc_region"] for r in rows], dtype=torch.float64),
+                     torch.ones(len(rows), dtype=torch.float64)], dim=1)
+    y = torch.tensor([float(r["present"]) for r in rows], dtype=torch.float64)
+    weight = torch.where(y > 0, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = (weight * torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y, reduction="none")).mean()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return tuple(round(float(v), 4) for v in w.detach())
 
 
 def rates(records: list[dict], t: float) -> dict:
@@ -169,17 +225,24 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the model has no ITM head: nothing to calibrate", file=sys.stderr)
         return 2
     records = score_scenes(g, eval_scenes(args.scenes, args.seed), args.seed, progress=True)
-    t = fit_threshold(records)
-    before, _ = threshold(g)
-    for name, value in (("default 0.5", DEFAULT_THRESHOLD), ("current", before), ("fitted", t)):
-        r = rates(records, value)
-        print(f"{name:<12} threshold {value:.3f}: absent rejected {r['absent_rejected']:.3f} ({r['n_absent']}), "
-              f"present kept {r['present_kept']:.3f} ({r['n_present']})  "
+    current_t, calibrated = threshold(g)
+    fits = {"default": (None, DEFAULT_THRESHOLD), "current": (weights(g) if calibrated else None, current_t)}
+    t_itm = fit_threshold(rescore(records, None))
+    w = fit_weights(records)
+    t = fit_threshold(rescore(records, w))
+    fits["fitted, ITM only"] = (None, t_itm)
+    fits["fitted, ITM + ITC(region)"] = (w, t)
+    print(f"{args.scenes} calibration scenes (seed {args.seed})")
+    for name, (wts, value) in fits.items():
+        r = rates(rescore(records, wts), value)
+        score = "ITM" if wts is None else "sigmoid({:.3f} logit(ITM) {:+.3f} ITC(region) {:+.3f})".format(*wts)
+        print(f"{name:<26} {score}, threshold {value:.3f}: absent rejected {r['absent_rejected']:.3f} "
+              f"({r['n_absent']}), present kept {r['present_kept']:.3f} ({r['n_present']}); by kind "
               + "  ".join(f"{k} {v['rate']:.3f}" for k, v in r["by_kind"].items() if v["n"]))
     if args.write:
         path = folder / "config.json"
         cfg = json.loads(path.read_text())
-        cfg["found_threshold"] = round(t, 4)
+        cfg["found_threshold"], cfg["found_score_weights"] = round(t, 4), list(w)
         path.write_text(json.dumps(cfg, indent=2) + "\n")
-        print(f"found_threshold {cfg['found_threshold']} written to {path}")
+        print(f"found_threshold {cfg['found_threshold']} and found_score_weights {list(w)} written to {path}")
     return 0
