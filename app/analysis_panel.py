@@ -81,12 +81,13 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
                               alpha=cb._finite(alpha_value, cb.DEFAULT_ALPHA))
         if not v.ok:
             return None, gr.update(choices=[], value=None), v.message, [], []
-        return v.image, gr.update(choices=v.words, value=v.words[0]), v.message, v.maps, v.words
+        return (gr.update(value=v.image, label=f"Grad-CAM of “{v.words[0]}”"),
+                gr.update(choices=v.words, value=v.words[0]), v.message, v.maps, v.words)
 
     def pick_word(word, maps, names):
         if not maps or word not in (names or []):
             return gr.skip()
-        return maps[names.index(word)]
+        return gr.update(value=maps[names.index(word)], label=f"Grad-CAM of “{word}”")
 
     def api(fn):
         def call(*args):
