@@ -179,6 +179,8 @@ def ground_main(argv: list[str]) -> int:
         if a.out is not None:  # before printing anything: a bad --gradcam-layer fails without partial output
             if g.capabilities.get("gradcam"):
                 cams = compute_gradcams(g, image, phrases, a.gradcam_layer)
+                for r in results:                    # the evidence block gains the Grad-CAM agreement
+                    g.evidence_with_gradcam(r, cams[r.phrase])
             elif a.gradcam_layer is not None:
                 print("warning: the model has no ITM head, so the figure has no Grad-CAM column", file=sys.stderr)
         if a.json:
