@@ -10,7 +10,7 @@ def verdict_cell(r) -> str:
         return "n/a"
     text = "found" if r.found else "NOT FOUND"
     text += f" ({r.found_score:.2f})"
-    if "uncalibrated" in r.notes.get("found", ""):
+    if r.found_calibrated is False:
         text += " · uncalibrated"
     return text
 

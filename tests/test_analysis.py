@@ -34,7 +34,7 @@ def test_uncalibrated_model_uses_itm_half_and_says_so(g):
     assert g.model.cfg.found_threshold is None
     for r in g.ground(IMG, ["the red circle", "a blue square", "zebra"]):
         assert r.found_score == r.itm and r.found == (r.itm >= 0.5)
-        assert r.notes["found"].startswith("uncalibrated")
+        assert r.found_calibrated is False and "found" not in r.notes
         assert r.to_dict()["found"] == r.found
 
 
@@ -45,7 +45,7 @@ def test_calibrated_threshold_is_read_from_the_config(base):
     base.model.cfg = cfg
     try:
         r = Grounder(base.model, base.tokenizer, device="cpu").ground(IMG, "the red circle")
-        assert r.found is False and "found" not in r.notes and verdict.threshold(
+        assert r.found is False and r.found_calibrated is True and verdict.threshold(
             Grounder(base.model, base.tokenizer, device="cpu")) == (cfg.found_threshold, True)
         base.model.cfg = dataclasses.replace(cfg, found_threshold=r0.itm - 1e-4)
         assert Grounder(base.model, base.tokenizer, device="cpu").ground(IMG, "the red circle").found is True

@@ -48,7 +48,7 @@ def test_calibrate_writes_threshold_and_weights_that_the_verdict_uses(model_copy
     for r in g.ground(scene.image, [p.text for p in scene.objects_text] + ["the purple rectangle"]):
         z = w[0] * np.log(r.itm / (1 - r.itm)) + w[1] * r.itc_region + w[2]
         assert r.found_score == pytest.approx(1 / (1 + np.exp(-z)), rel=1e-9)
-        assert r.found == (r.found_score >= t) and "found" not in r.notes
+        assert r.found == (r.found_score >= t) and r.found_calibrated is True
 
 
 def test_calibrate_user_errors(capsys, tmp_path):

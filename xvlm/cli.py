@@ -152,7 +152,8 @@ def format_table(results, image_name: str, model_name: str) -> str:
         lines.append(f"    ITC region  : {_fmt(r.itc_region)}")
         lines.append(f"    ITM         : {_fmt(r.itm)}")
         if r.found is not None:
-            lines.append(f"    found       : {'yes' if r.found else 'NOT FOUND'} (score {r.found_score:.3f})")
+            lines.append(f"    found       : {'yes' if r.found else 'NOT FOUND'} (score {r.found_score:.3f}"
+                         + ("; uncalibrated: ITM >= 0.5)" if not r.found_calibrated else ")"))
         if r.evidence:
             from .analysis.evidence import flag
             mass = _fmt(r.evidence["itc_mass_in_box"], ".2f")

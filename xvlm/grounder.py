@@ -54,6 +54,7 @@ class GroundingResult:
     # supported by the patch-ITC heatmap (and Grad-CAM when computed); None where the model lacks the heads
     found: bool | None = None
     found_score: float | None = None
+    found_calibrated: bool | None = None           # False: the model has no fitted threshold, ITM >= 0.5 was used
     evidence: dict | None = None
 
     @property
@@ -77,7 +78,8 @@ class GroundingResult:
                 "itc_image": self.itc_image, "itc_region": self.itc_region, "itc_objects": self.itc_objects,
                 "itm": self.itm,
                 "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes,
-                "found": self.found, "found_score": self.found_score, "evidence": self.evidence}
+                "found": self.found, "found_score": self.found_score, "found_calibrated": self.found_calibrated,
+                "evidence": self.evidence}
 
 
 @dataclass

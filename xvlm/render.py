@@ -98,7 +98,7 @@ def verdict_text(r: "GroundingResult") -> str | None:
     """'not found' (with '?' when the model's threshold is not calibrated) for results judged absent, else None."""
     if getattr(r, "found", None) is not False:
         return None
-    return "not found" + ("?" if "uncalibrated" in getattr(r, "notes", {}).get("found", "") else "")
+    return "not found" + ("?" if getattr(r, "found_calibrated", None) is False else "")
 
 
 def _label_segments(phrase: str, scores: list[str]) -> list[str]:

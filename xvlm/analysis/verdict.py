@@ -25,8 +25,6 @@ import numpy as np
 
 DEFAULT_THRESHOLD = 0.5
 CALIBRATION_SEED = 20_000_003        # neither the eval seed nor a training seed
-UNCALIBRATED = ("uncalibrated: ITM probability >= 0.5 counts as found (no `found_threshold` in the model's config; "
-                "`python -m xvlm calibrate --write` fits one)")
 PRESENT_KINDS = ("object", "refexp")
 ABSENT_KINDS = ("colour + shape", "shape")
 
@@ -61,24 +59,20 @@ def found_score(itm: float | None, itc_region: float | None, w) -> float | None:
 
 
 def apply(g, results) -> None:
-    """Fill `found` / `found_score` of results that `g` grounded (their `itm` is set when the model has ITM)."""
+    """Fill `found` / `found_score` / `found_calibrated` of results that `g` grounded (their `itm` is set when the
+    model has ITM)."""
     t, calibrated = threshold(g)
     w = weights(g) if calibrated else None
     for r in results:
         score = found_score(r.itm, r.itc_region, w) if t is not None else None
+        t_r, cal = t, calibrated
         if score is None and w is not None and r.itm is not None:       # calibrated with ITC(region), which is missing
-            score, t_r, note = float(r.itm), DEFAULT_THRESHOLD, UNCALIBRATED.replace(
-                "no `found_threshold` in the model's config", "no ITC(region) for the calibrated score")
-        else:
-            t_r, note = t, (None if calibrated else UNCALIBRATED)
+            score, t_r, cal = float(r.itm), DEFAULT_THRESHOLD, False
         if score is None:
-            r.found, r.found_score = None, None
+            r.found = r.found_score = r.found_calibrated = None
             r.notes["found"] = "no verdict: " + r.notes.get("itm", "no ITM score")
             continue
-        r.found_score = score
-        r.found = bool(score >= t_r)
-        if note:
-            r.notes["found"] = note
+        r.found_score, r.found, r.found_calibrated = score, bool(score >= t_r), cal
 
 
 # --- phrases ------------------------------------------------------------------------------------------------------
