@@ -108,7 +108,7 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
                 cf_phrase = gr.Textbox(label="Phrase (empty: the first phrase above)", elem_id="cf-phrase")
                 cf_btn = gr.Button("Ground its edits", elem_id="cf-btn")
                 cf_note = gr.Markdown(elem_classes="note", elem_id="cf-note")
-            cf_image = gr.Image(label="original (white) and the edits whose box moved most", type="numpy",
+            cf_image = gr.Image(label="the original and the edits whose box moved most", type="numpy",
                                 interactive=False, format="png", elem_id="cf-overlay", scale=3)
         cf_table = gr.Dataframe(headers=av.CF_HEADERS, label="edits", interactive=False, wrap=True,
                                 elem_id="cf-table")

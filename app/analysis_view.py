@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from xvlm.grounder import Grounder
 from xvlm.preprocess import InputError
-from xvlm.render import color_for, draw_boxes, overlay_heatmap
+from xvlm.render import draw_boxes, overlay_heatmap
 
 from . import callbacks as cb
 from .analysis_cells import verdict_cell
@@ -113,13 +113,13 @@ def _counterfactual_view(g, image, phrase_text, lock) -> AnalysisView:
     view = AnalysisView(ok=True, table=table, payload=cf.to_dict())
     if g.capabilities["box"]:
         moved = sorted(rows[1:], key=lambda r: (r.iou if r.iou is not None else 1.0))[:CF_OVERLAY_EDITS]
-        shown = [rows[0]] + moved
-        view.image = draw_boxes(cb._display_copy(pil), [r.result for r in shown],
-                                colors=[(255, 255, 255)] + [color_for(i + 1) for i in range(len(moved))])
+        labelled = [replace(r.result, phrase=f"original: {r.edit.phrase}" if r.edit.kind == "original"
+                            else r.edit.change) for r in [rows[0]] + moved]   # labels name the change
+        view.image = draw_boxes(cb._display_copy(pil), labelled)
     n_moved = sum(1 for r in rows[1:] if r.iou is not None and r.iou < 0.5)
     view.message = (f"{len(rows) - 1} edits of “{cb._short(phrase, 60)}” grounded in one batch on the cached image; "
-                    f"{n_moved} moved the box (IoU < 0.5 with the original). The overlay shows the original (white) "
-                    f"and the {min(CF_OVERLAY_EDITS, len(rows) - 1)} edits whose box moved most.")
+                    f"{n_moved} moved the box (IoU < 0.5 with the original). The overlay shows the original and the "
+                    f"{min(CF_OVERLAY_EDITS, len(rows) - 1)} edits whose box moved most, each labelled by its change.")
     return view
 
 

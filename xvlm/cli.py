@@ -153,12 +153,12 @@ def format_table(results, image_name: str, model_name: str) -> str:
         lines.append(f"    ITM         : {_fmt(r.itm)}")
         if r.found is not None:
             lines.append(f"    found       : {'yes' if r.found else 'NOT FOUND'} (score {r.found_score:.3f}"
-                         + ("; uncalibrated: ITM >= 0.5)" if not r.found_calibrated else ")"))
+                         + (", uncalibrated threshold 0.5)" if not r.found_calibrated else ")"))
         if r.evidence:
             from .analysis.evidence import flag
             mass = _fmt(r.evidence["itc_mass_in_box"], ".2f")
-            lines.append(f"    evidence    : {flag(r)}; ITC mass in box {mass}, "
-                         f"ITC peak in box {'yes' if r.evidence['itc_peak_in_box'] else 'no'}")
+            lines.append(f"    evidence    : {flag(r)}; heatmap mass in box {mass}, "
+                         f"hottest patch in box {'yes' if r.evidence['itc_peak_in_box'] else 'no'}")
         for k, v in r.notes.items():
             lines.append(f"    note {k:<7}: {v}")
         lines.append("")
