@@ -9,6 +9,8 @@ Retrieval: text -> visual ITC R@1 among N candidates (one per scene) at image (c
 phrase vs its box's concept) and object (object label vs its box's concept) granularity. A retrieved candidate whose
 text equals the query counts as a hit (two scenes may both hold a "small red circle").
 ITM: the match probability of an object label the scene holds against one it does not hold.
+Not found: the share of absent phrases the model's verdict rejects and of present phrases it keeps, at the threshold
+in its config (`xvlm.analysis.verdict`; `python -m xvlm calibrate` fits it).
 """
 from __future__ import annotations
 
