@@ -40,6 +40,7 @@ from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, chec
 from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
 from xvlm.vocabulary import NOTE_KEY as UNKNOWN
 
+from .analysis_cells import SCORE_COLUMNS, score_cells
 from .knowledge import describe_knowledge, unknown_word_warning
 
 MAX_PHRASES = 16
@@ -212,17 +213,19 @@ class View:
         return cls(ok=False, message=f"⚠️ **{message}**")
 
 
-SCORE_HEADERS = ["#", "phrase", "box in the image (x0, y0, x1, y1)", "ITC image", "ITC region", "ITM"]
+SCORE_HEADERS = ["#", "phrase", "box in the image (x0, y0, x1, y1)", "ITC image", "ITC region", "ITM"] + SCORE_COLUMNS
 
 
 def ground_and_render(g: Grounder, image, phrases_text, granularity: str = "image", alpha: float = DEFAULT_ALPHA,
                       layer: int | None = None, lock: threading.Lock | None = None,
-                      out_dir: str | Path | None = None, gradcam: bool = True) -> View:
+                      out_dir: str | Path | None = None, gradcam: bool = True, progress=None) -> View:
     """The page's main callback. Never raises: bad input and failures come back as `View.error(message)`.
 
-    `gradcam=False` skips the ITM Grad-CAM maps (one backward pass per phrase: the slow part on a CPU)."""
+    `gradcam=False` skips the ITM Grad-CAM maps (one backward pass per phrase: the slow part on a CPU).
+    `progress((done, total), desc=...)`, when given, hears about the grounding and each Grad-CAM map."""
     try:
-        return _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, out_dir, gradcam)
+        return _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, out_dir, gradcam,
+                                  progress or (lambda *a, **k: None))
     except InputError as e:
         return View.error(str(e))
     except MemoryError:
@@ -231,7 +234,7 @@ def ground_and_render(g: Grounder, image, phrases_text, granularity: str = "imag
         return View.error(f"something went wrong ({type(e).__name__}: {_short(str(e), 300)})")
 
 
-def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, out_dir, want_cam) -> View:
+def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, out_dir, want_cam, progress) -> View:
     t0 = time.perf_counter()
     granularity = granularity if granularity in GRANULARITIES else "image"
     alpha = float(np.clip(_finite(alpha, DEFAULT_ALPHA), 0.0, 1.0))
@@ -251,12 +254,15 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
     gradcams: dict[int, np.ndarray] = {}
     gradcam_errors: dict[int, str] = {}
     with lock or nullcontext():
+        progress((0, len(phrases)), desc="grounding")
         results = g.ground(pil, phrases)
         if do_cam:
             for i, p in enumerate(phrases):
+                progress((i, len(phrases)), desc=f"ITM Grad-CAM, phrase {i + 1} of {len(phrases)}")
                 try:
                     cam = np.asarray(g.gradcam(pil, p, layer), dtype=np.float64)
                     gradcams[i] = cam if np.isfinite(cam).all() else np.nan_to_num(cam)
+                    g.evidence_with_gradcam(results[i], gradcams[i])   # the box vs this map too
                 except Exception as e:  # one failing map must not hide the rest of the page
                     gradcam_errors[i] = f"{type(e).__name__}: {_short(str(e), 200)}"
     encoded = g.stats["vision_passes"] - passes0
@@ -313,8 +319,7 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
 
     view.scores = {"headers": SCORE_HEADERS, "data": [
         [i + 1, r.phrase + (f"  ⚠️ unknown: {', '.join(r.notes[UNKNOWN])}" if UNKNOWN in r.notes else ""),
-         _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region),
-         _num(r.itm)]
+         _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region), _num(r.itm), *score_cells(r)]
         for i, r in enumerate(results)]}
 
     view.payload = build_payload(g, pil, results, granularity=granularity, alpha=alpha, layer=layer,

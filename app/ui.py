@@ -18,6 +18,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 
 from . import callbacks as cb  # noqa: E402
+from .analysis_panel import HOW_TO_READ as ANALYSIS_HOW_TO_READ  # noqa: E402
+from .analysis_panel import build_analysis_panel  # noqa: E402
 from .models import ModelRegistry, ModelUnavailable  # noqa: E402
 from .search_tab import build_search_tab  # noqa: E402
 
@@ -101,24 +103,26 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
         raise ModelUnavailable("no model to serve")
     examples = cb.load_examples(assets_dir)
 
-    def run(model_name, image, phrases, granularity, alpha, layer, want_cam=True):
+    def run(model_name, image, phrases, granularity, alpha, layer, want_cam=True, progress=gr.Progress()):
         try:
+            if model_name in registry and not registry.is_loaded(model_name):
+                progress(0, desc=f"loading the model {model_name}")
             g = registry.get(model_name)
         except ModelUnavailable as e:
             view = cb.View.error(str(e))
         else:
             view = cb.ground_and_render(g, image, phrases, granularity, alpha, layer,
                                         lock=registry.lock(model_name or registry.default), out_dir=out_dir,
-                                        gradcam=bool(want_cam))
+                                        gradcam=bool(want_cam), progress=progress)
         if not view.ok:
             gr.Warning(view.message.replace("⚠️ ", "").replace("**", ""))
         return _outputs(view, granularity)
 
-    def rerun(model_name, image, phrases, granularity, alpha, layer, want_cam=True):
+    def rerun(model_name, image, phrases, granularity, alpha, layer, want_cam=True, progress=gr.Progress()):
         """A control changed: redraw if there is something to redraw, stay quiet otherwise."""
         if image is None or not isinstance(phrases, str) or not phrases.strip():
             return [gr.skip()] * 13
-        return run(model_name, image, phrases, granularity, alpha, layer, want_cam)
+        return run(model_name, image, phrases, granularity, alpha, layer, want_cam, progress)
 
     def model_changed(model_name):
         try:
@@ -146,7 +150,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
                                    visible=len(registry) > 1, interactive=True)
             model_info = gr.Markdown("*loading the model…*", elem_classes="note")
         with gr.Accordion("How to read this", open=False):
-            gr.Markdown(HOW_TO_READ)
+            gr.Markdown(HOW_TO_READ + ANALYSIS_HOW_TO_READ)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 image_in = gr.Image(sources=["upload", "clipboard", "webcam"], type="pil", image_mode=None,
@@ -194,6 +198,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
                                   elem_id="scores", scale=4)
             json_file = gr.File(label="Everything shown, as JSON", interactive=False, elem_id="json-out",
                                 height=120, scale=1, min_width=220)
+        build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)   # app/analysis_panel.py
 
         # the API: image file + phrases (one per line) -> JSON, with the default model:
         #   gradio_client.Client(url).predict(handle_file(path), "phrase 1\nphrase 2", api_name="/ground")

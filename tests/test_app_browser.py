@@ -153,3 +153,73 @@ def test_search_tab_ranks_the_example_gallery_and_a_hit_opens_in_the_grounding_v
     thumbs.first.click()                      # opens the hit with the phrase in the grounding view, and grounds it
     page.wait_for_function("() => document.querySelector('#phrases-in textarea').value === 'a red circle'")
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Grounded 1 phrase')")
+
+
+def _upload(page, tmp_path):
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (400, 300), "white")
+    ImageDraw.Draw(im).ellipse((40, 60, 140, 160), fill="red")
+    ImageDraw.Draw(im).rectangle((220, 40, 340, 120), fill="blue")
+    path = tmp_path / "analysis.png"
+    im.save(path)
+    page.locator("#image-in input[type=file]").set_input_files(str(path))
+
+
+def _whole_image_shown(page, selector: str) -> bool:
+    """The displayed image is not cropped: its drawn box has the picture's aspect ratio and lies inside its panel."""
+    return page.evaluate("""sel => {
+        const img = document.querySelector(sel + ' img');
+        if (!img || !img.naturalWidth) return false;
+        const r = img.getBoundingClientRect(), c = img.closest('[data-testid], .image-container, div').getBoundingClientRect();
+        const fit = getComputedStyle(img).objectFit;
+        const ratio = Math.abs(r.width / r.height - img.naturalWidth / img.naturalHeight) < 0.02;
+        return (ratio || fit === 'contain' || fit === 'scale-down') && r.width > 0;
+    }""", selector)
+
+
+def test_analysis_panel_controls(page, tmp_path):
+    _upload(page, tmp_path)
+    page.locator("#phrases-in textarea").fill("the red circle\nthe green triangle")
+    page.locator("#ground-btn").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('400x300')")
+    _wait_outputs(page, 2)
+    scores = page.locator("#scores").inner_text()
+    assert "uncalibrated" in scores and ("supported by" in scores)     # verdict and evidence columns
+    assert _whole_image_shown(page, "#boxes-out")
+
+    page.get_by_text("Analysis: counterfactual edits").click()
+    # counterfactual lab (empty phrase box: the first phrase above)
+    page.locator("#cf-btn").click()
+    page.wait_for_function("() => document.querySelector('#cf-table').innerText.includes('colour')")
+    table = page.locator("#cf-table").inner_text()
+    assert "the red circle" in table and "the blue circle" in table and "drop" in table
+    page.locator("#cf-overlay img").first.wait_for(state="visible")
+
+    # what is this region: two clicks on the image draw the box, then describe it
+    src = page.locator("#region-src img").first
+    src.wait_for(state="visible")
+    bb = src.bounding_box()
+    src.click(position={"x": bb["width"] * 0.1, "y": bb["height"] * 0.2})
+    page.wait_for_function("() => /^\\d+, \\d+$/.test(document.querySelector('#region-box textarea, #region-box input').value)")
+    src.click(position={"x": bb["width"] * 0.36, "y": bb["height"] * 0.54})
+    page.wait_for_function(
+        "() => /^\\d+, \\d+, \\d+, \\d+$/.test(document.querySelector('#region-box textarea, #region-box input').value)")
+    x0, y0, x1, y1 = (float(v) for v in page.locator("#region-box textarea, #region-box input").first
+                      .input_value().split(","))
+    assert 30 <= x0 < x1 <= 160 and 50 <= y0 < y1 <= 180                  # image pixels of the 400 x 300 upload
+    page.locator("#region-cands textarea").fill("red circle\nblue square\ngreen triangle")
+    page.locator("#region-btn").click()
+    page.wait_for_function("() => document.querySelector('#region-table').innerText.includes('blue square')")
+    page.locator("#region-out img").first.wait_for(state="visible")
+
+    # per-word maps: compute, then pick a word
+    page.locator("#wm-phrase textarea, #wm-phrase input").first.fill("the red circle")
+    page.locator("#wm-btn").click()
+    page.get_by_label("circle", exact=True).wait_for(state="visible")
+    assert "(whole phrase)" in page.locator("#wm-image").inner_text()
+    page.get_by_label("circle", exact=True).check()
+    page.wait_for_function("() => document.querySelector('#wm-image').innerText.includes('circle”')")
+    page.locator("#wm-image img").first.wait_for(state="visible")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "analysis.png"), full_page=True)

@@ -259,7 +259,7 @@ def test_box_only_model_says_which_heads_are_missing(box_only, tmp_path):
         assert view.gradcam_gallery == [] and "no ITM head" in view.gradcam_note
         assert view.objects_table is None and "ITC head" in view.objects_note
         assert "no ITC head" in view.message and "no ITM head" in view.message
-        assert [row[3:] for row in view.scores["data"]] == [["n/a"] * 3] * 3
+        assert [row[3:] for row in view.scores["data"]] == [["n/a"] * 5] * 3   # scores, verdict, evidence
         assert all(row[2] != "n/a" for row in view.scores["data"])
     data = view.payload
     assert all(r["itc_image"] is None and r["itm"] is None and r["box_xyxy"] for r in data["results"])

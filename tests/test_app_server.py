@@ -79,9 +79,10 @@ def test_bad_requests_get_readable_errors_and_the_server_stays_up(client, tmp_pa
     assert ok["phrases"] == ["красный круг 😀"]
 
 
-def test_only_the_ground_and_search_endpoints_are_public_and_limits_are_set(server, client):
+def test_only_the_named_endpoints_are_public_and_limits_are_set(server, client):
     demo = server[0]
-    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/ground", "/search"]
+    assert sorted(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
+        "/counterfactuals", "/describe_region", "/ground", "/search", "/word_maps"]
     assert demo.max_file_size == 25 * 1024 * 1024
     assert demo._queue.max_size == cb.QUEUE_MAX_SIZE
     assert demo._queue.default_concurrency_limit == cb.QUEUE_CONCURRENCY
@@ -108,3 +109,18 @@ def test_the_app_serves_the_shipped_model(tmp_path):
     for row, r in zip(out["results"], direct):
         assert row["box_cxcywh"] == pytest.approx(r.box_cxcywh, abs=1e-5)
         assert row["itm"] == pytest.approx(r.itm, abs=1e-5) and row["itc_image"] == pytest.approx(r.itc_image, abs=1e-5)
+
+
+def test_analysis_endpoints(server, client):
+    g = server[2]
+    out = client.predict(handle_file(str(IMG)), "the small red circle left of the square", api_name="/counterfactuals")
+    direct = g.counterfactuals(str(IMG), "the small red circle left of the square")
+    assert [r["phrase"] for r in out["rows"]] == [r.edit.phrase for r in direct.rows]
+    assert out["rows"][0]["iou"] == pytest.approx(1.0) and out["rows"][0]["result"]["found"] in (True, False)
+    ranked = client.predict(handle_file(str(IMG)), "40, 60, 200, 220", "the red circle\nsky", api_name="/describe_region")
+    assert [r["phrase"] for r in ranked["ranking"]] == [c.phrase for c in g.describe_region(
+        str(IMG), [40, 60, 200, 220], ["the red circle", "sky"])]
+    words = client.predict(handle_file(str(IMG)), "the red circle", None, api_name="/word_maps")
+    assert words["words"] == ["the", "red", "circle"] and len(words["maps"]) == 3
+    with pytest.raises(AppError, match="four numbers"):
+        client.predict(handle_file(str(IMG)), "1, 2", "", api_name="/describe_region")

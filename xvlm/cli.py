@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 # command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
 # ("module:function" names another entry point than `main`)
 LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench",
-                 "refcoco": "xvlm.refcoco",
+                 "refcoco": "xvlm.refcoco", "calibrate": "xvlm.analysis.verdict",
                  "index": "xvlm.search_cli:index_main", "search": "xvlm.search_cli:search_main"}
 HEATMAP_KEYS = ("patch_heatmap", "region_mask")
 
@@ -34,6 +34,7 @@ commands:
   refcoco  the official RefCOCO+ box evaluation of an official checkpoint (xvlm.refcoco)
   index    index a folder of images for search (xvlm.search_cli)
   search   search an index by phrase (xvlm.search_cli)
+  calibrate  fit the not-found verdict's threshold on present / absent phrases (xvlm.analysis.verdict)
 """
 
 
@@ -155,6 +156,14 @@ def format_table(results, image_name: str, model_name: str) -> str:
         lines.append(f"    ITC image   : {_fmt(r.itc_image)}")
         lines.append(f"    ITC region  : {_fmt(r.itc_region)}")
         lines.append(f"    ITM         : {_fmt(r.itm)}")
+        if r.found is not None:
+            lines.append(f"    found       : {'yes' if r.found else 'NOT FOUND'} (score {r.found_score:.3f}"
+                         + (", uncalibrated threshold 0.5)" if not r.found_calibrated else ")"))
+        if r.evidence:
+            from .analysis.evidence import flag
+            mass = _fmt(r.evidence["itc_mass_in_box"], ".2f")
+            lines.append(f"    evidence    : {flag(r)}; heatmap mass in box {mass}, "
+                         f"hottest patch in box {'yes' if r.evidence['itc_peak_in_box'] else 'no'}")
         for k, v in r.notes.items():
             lines.append(f"    note {k:<7}: {', '.join(v) if isinstance(v, list) else v}")
         lines.append("")
@@ -180,6 +189,8 @@ def ground_main(argv: list[str]) -> int:
         if a.out is not None:  # before printing anything: a bad --gradcam-layer fails without partial output
             if g.capabilities.get("gradcam"):
                 cams = compute_gradcams(g, image, phrases, a.gradcam_layer)
+                for r in results:                    # the evidence block gains the Grad-CAM agreement
+                    g.evidence_with_gradcam(r, cams[r.phrase])
             elif a.gradcam_layer is not None:
                 print("warning: the model has no ITM head, so the figure has no Grad-CAM column", file=sys.stderr)
         if a.json:

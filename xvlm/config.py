@@ -93,14 +93,19 @@ class XVLMConfig:
     # `[CLS] tokens`; X²-VLM's pre_caption replaces punctuation by a space and its tokenizer appends [SEP].
     punctuation: str = "delete"        # 'delete' or 'space'
     append_sep: bool = False
-
-    def __post_init__(self):
-        if self.punctuation not in PUNCTUATION_MODES:
-            raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, got {self.punctuation!r}")
     # The closed training vocabulary (whole words) of a model trained on a closed corpus, such as the shapes model:
     # words outside it are unknown to the model even when WordPiece splits them into known pieces
     # (`xvlm.vocabulary`). None: an open vocabulary, where a word is unknown when it becomes [UNK].
     words: tuple[str, ...] | None = None
+    # The not-found verdict (`xvlm.analysis.verdict`), fitted by `python -m xvlm calibrate`: found_score =
+    # sigmoid(a * logit(ITM) + b * ITC(region) + c) with found_score_weights (a, b, c), or the ITM probability when
+    # None; found when found_score >= found_threshold. None: not calibrated (ITM >= 0.5, and the verdict says so).
+    found_threshold: float | None = None
+    found_score_weights: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        if self.punctuation not in PUNCTUATION_MODES:
+            raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, got {self.punctuation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,8 @@ Retrieval: text -> visual ITC R@1 among N candidates (one per scene) at image (c
 phrase vs its box's concept) and object (object label vs its box's concept) granularity. A retrieved candidate whose
 text equals the query counts as a hit (two scenes may both hold a "small red circle").
 ITM: the match probability of an object label the scene holds against one it does not hold.
+Not found: the share of absent phrases the model's verdict rejects and of present phrases it keeps, at the threshold
+in its config (`xvlm.analysis.verdict`; `python -m xvlm calibrate` fits it).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .analysis import verdict
 from .box_ops import paired_iou
 from . import retrieval_eval
 from .grounder import Grounder, GroundingResult
@@ -287,6 +290,7 @@ def evaluate(g: Grounder, n_scenes: int = 300, n_retrieval: int = 100, seed: int
     g.cache.clear()
     report["retrieval"] = {gran: retrieval_r1(g, scenes[:n_retrieval], gran) for gran in ("image", "region", "object")}
     report["itm"] = itm_present_absent(g, scenes[:n_retrieval])
+    report["found"] = verdict.evaluate_found(g, scenes, seed)      # the not-found verdict at the model's threshold
     if probe:
         g.cache.clear()
         concepts = object_concepts(g, scenes)           # one vision pass per scene for both read-outs
@@ -373,6 +377,7 @@ def format_report(report: dict) -> str:
     if itm and itm["n"]:
         lines += ["", f"ITM, present vs absent object label ({itm['n']} scenes): accuracy {itm['accuracy']:.3f}  "
                       f"ranking {itm['ranking']:.3f}"]
+    lines += verdict.format_found(report.get("found"))
     if "box_probe_r2" in report:
         r = report["box_probe_r2"]
         lines += ["", f"linear read-out of the object box from its concept [CLS] (R^2 on {r['n_scored']} held-out "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import box_ops
+from . import analysis, box_ops
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
@@ -55,6 +55,12 @@ class GroundingResult:
     patch_heatmap: np.ndarray | None = None        # (G, G) cosine(vision_proj(patch), text_proj(text [CLS]))
     region_mask: np.ndarray | None = None          # (G, G) bool: patches of the predicted box (its concept)
     notes: dict[str, str | list[str]] = field(default_factory=dict)   # why a field is None, truncation, unknown_words
+    # xvlm.analysis: the not-found verdict (ITM against the model's calibrated threshold) and how far the box is
+    # supported by the patch-ITC heatmap (and Grad-CAM when computed); None where the model lacks the heads
+    found: bool | None = None
+    found_score: float | None = None
+    found_calibrated: bool | None = None           # False: the model has no fitted threshold, ITM >= 0.5 was used
+    evidence: dict | None = None
 
     @property
     def canvas(self) -> Canvas:
@@ -77,7 +83,9 @@ class GroundingResult:
                 "box_xyxy_unclipped": self.box_xyxy_unclipped,
                 "itc_image": self.itc_image, "itc_region": self.itc_region, "itc_objects": self.itc_objects,
                 "itm": self.itm,
-                "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes}
+                "patch_heatmap": arr(self.patch_heatmap), "region_mask": arr(self.region_mask), "notes": self.notes,
+                "found": self.found, "found_score": self.found_score, "found_calibrated": self.found_calibrated,
+                "evidence": self.evidence}
 
 
 @dataclass
@@ -280,6 +288,7 @@ class Grounder:
             boxes, fused = self._boxes(run, results)
             self._itm(run, fused, results)
             self._itc(run, boxes, results)
+        analysis.annotate(self, results)             # verdict and evidence agreement, from what was just computed
         with self._lock:
             self.cache.trim()                        # the pass may have added fusion keys/values to an entry
         return results[0] if single else results
@@ -389,6 +398,11 @@ class Grounder:
         fusion layer's cross-attention, positive gradients times attention, averaged over heads and text tokens.
         `layer` indexes the BERT layers (fusion layers are >= fusion_layer); default: the middle fusion layer.
         Like `patch_heatmap`, the (G, G) map covers the model's input (`canvas(image_size)`), padding included."""
+        return self._gradcam_tokens(image, phrase, layer).mean(1)[0].float().cpu().numpy()
+
+    def _gradcam_tokens(self, image, phrase: str, layer: int | None = None) -> torch.Tensor:
+        """`gradcam` before the mean over text tokens: one map per token row of the cross-attention, [1, T, G, G]
+        (token 0 is [CLS]); per-word maps (`xvlm.analysis.wordmaps`) read the rows of each word's tokens."""
         m = self._itm_model
         if m is None:
             raise RuntimeError(NO_ITM)
@@ -416,7 +430,30 @@ class Grounder:
         keep = mask.view(1, 1, -1, 1, 1).to(probs.dtype)
         cams = probs.detach()[:, :, :, 1:].reshape(1, probs.shape[1], -1, g, g) * keep
         grads = grads[:, :, :, 1:].clamp(min=0).reshape(1, probs.shape[1], -1, g, g) * keep
-        return (cams * grads).mean(1).mean(1)[0].float().cpu().numpy()
+        return (cams * grads).mean(1)
+
+    # --- analysis (xvlm.analysis; these methods only delegate) ---------------------------------------------------
+    def counterfactuals(self, image, phrase: str, kinds=None):
+        """The phrase and its one-word edits (colour, noun, direction, size, drop) grounded as one batch, with each
+        edit's box IoU and ITM / ITC change against the original: `analysis.counterfactual.Counterfactuals`."""
+        from .analysis.counterfactual import counterfactuals
+        return counterfactuals(self, image, phrase, kinds)
+
+    def describe_region(self, image, box_xyxy, candidates=None, top_k: int | None = None):
+        """Candidate phrases (default: from the model's vocabulary) ranked by ITC with the box's visual concept:
+        [`analysis.describe.RegionCandidate`], best first."""
+        from .analysis.describe import describe_region
+        return describe_region(self, image, box_xyxy, candidates, top_k)
+
+    def word_gradcams(self, image, phrase: str, layer: int | None = None):
+        """The ITM Grad-CAM of each word of the phrase (its tokens' cross-attention rows): `analysis.wordmaps`."""
+        from .analysis.wordmaps import word_gradcams
+        return word_gradcams(self, image, phrase, layer)
+
+    def evidence_with_gradcam(self, result: GroundingResult, gradcam: np.ndarray) -> dict | None:
+        """Update `result.evidence` with the agreement of its Grad-CAM map (computed by `gradcam`) and its box."""
+        from .analysis.evidence import add_gradcam
+        return add_gradcam(result, gradcam)
 
     def _truncation_note(self) -> str:
         n = self.tokenizer.max_tokens

@@ -91,6 +91,16 @@ def score_text(r: "GroundingResult") -> list[str]:
     return parts
 
 
+NOT_FOUND_COLOR = (150, 150, 150)
+
+
+def verdict_text(r: "GroundingResult") -> str | None:
+    """'not found' (with '?' when the model's threshold is not calibrated) for results judged absent, else None."""
+    if getattr(r, "found", None) is not False:
+        return None
+    return "not found" + ("?" if getattr(r, "found_calibrated", None) is False else "")
+
+
 def _label_segments(phrase: str, scores: list[str]) -> list[str]:
     return [_ascii(phrase)] + scores
 
@@ -115,27 +125,59 @@ def _fit_label(segments: list[str], scale: float, thick: int, max_w: int) -> tup
     return [phrase.rstrip() + "..."] + segments[1:], scale
 
 
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_label(size: tuple[int, int], box: tuple[int, int, int, int], thick: int,
+                 taken: list[tuple[int, int, int, int]], H: int, W: int) -> tuple[int, int]:
+    """Top-left corner for a label of `size` (w, h): inside the image and over no label in `taken`. Tried in order:
+    above the box, below it, inside its top and bottom edges (left- then right-aligned); else the free spot nearest
+    the box's top-left corner; with no free spot at all, the candidate that overlaps least."""
+    lw, lh = size
+    x0, y0, x1, y1 = box
+    max_x, max_y = max(W - lw, 0), max(H - lh, 0)
+    xs = (x0, x1 - lw + 1)
+    ys = (y0 - lh, y1 + 1, y0 + thick, y1 - lh - thick + 1)
+    preferred = [(int(np.clip(x, 0, max_x)), int(np.clip(y, 0, max_y))) for y in ys for x in xs]
+    if y0 - lh >= 0:
+        candidates = preferred
+    else:                                  # no room above: the label goes inside the top edge before below the box
+        candidates = [preferred[i] for i in (4, 5, 2, 3, 0, 1, 6, 7)]
+
+    def free(xy):
+        rect = (xy[0], xy[1], xy[0] + lw, xy[1] + lh)
+        return not any(_overlaps(rect, t) for t in taken)
+
+    for xy in candidates:
+        if free(xy):
+            return xy
+    # a free spot, if any, can slide left / up until it meets the image's edge or another label: these suffice
+    xs = {0, max_x, *(t[2] for t in taken), *(t[0] - lw for t in taken)}
+    ys = {0, max_y, *(t[3] for t in taken), *(t[1] - lh for t in taken)}
+    grid = [(x, y) for y in sorted(ys) for x in sorted(xs) if 0 <= x <= max_x and 0 <= y <= max_y]
+    spots = [xy for xy in grid if free(xy)]
+    if spots:
+        return min(spots, key=lambda xy: (xy[0] - x0) ** 2 + (xy[1] - (y0 - lh)) ** 2)
+
+    def overlap(xy):
+        rect = (xy[0], xy[1], xy[0] + lw, xy[1] + lh)
+        return sum(max(0, min(rect[2], t[2]) - max(rect[0], t[0])) * max(0, min(rect[3], t[3]) - max(rect[1], t[1]))
+                   for t in taken)
+    return min(candidates + grid, key=overlap)
+
+
 def _draw_label(out: np.ndarray, segments: list[str], color, box: tuple[int, int, int, int],
                 scale: float, thick: int, taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
-    """A filled label with the phrase and its scores, above the box if there is room, else just inside its top edge;
-    always inside the image, and moved down past labels already drawn."""
+    """A filled label with the phrase and its scores next to its box (`_place_label`): always inside the image and,
+    where the image has room, over no other label."""
     H, W = out.shape[:2]
     text_thick = max(1, thick // 2)
     segments, scale = _fit_label(segments, scale, text_thick, max(W - 4, 1))
     tw, th, base, widths = _measure(segments, scale, text_thick)
     pad = max(2, int(round(th * 0.3)))
     lw, lh = tw + 2 * pad, th + base + 2 * pad
-    x0, y0, x1, _ = box
-    lx = int(np.clip(x0, 0, max(W - lw, 0)))
-    ly = y0 - lh if y0 - lh >= 0 else y0 + thick   # above the box, else inside it
-    ly = int(np.clip(ly, 0, max(H - lh, 0)))
-    for _ in range(len(taken) + 1):                # avoid covering another phrase's label
-        hit = next((t for t in taken if lx < t[2] and t[0] < lx + lw and ly < t[3] and t[1] < ly + lh), None)
-        if hit is None:
-            break
-        ly = int(np.clip(hit[3] + 1, 0, max(H - lh, 0)))
-        if ly == hit[1]:
-            break
+    lx, ly = _place_label((lw, lh), box, thick, taken, H, W)
     cv2.rectangle(out, (lx, ly), (lx + lw - 1, ly + lh - 1), color, thickness=-1)
     fg = _text_color(color)
     x, y = lx + pad, ly + pad + th
@@ -148,6 +190,17 @@ def _draw_label(out: np.ndarray, segments: list[str], color, box: tuple[int, int
         cv2.putText(out, seg, (x, y), _FONT, scale, fg, text_thick, cv2.LINE_AA)
         x += w
     return lx, ly, lx + lw, ly + lh
+
+
+def _dashed_rectangle(out: np.ndarray, p0, p1, color, thick: int) -> None:
+    """A rectangle outline in dashes (the box of a phrase judged not found)."""
+    dash = max(4, 3 * thick)
+    (x0, y0), (x1, y1) = p0, p1
+    for a, b, fixed, horizontal in ((x0, x1, y0, True), (x0, x1, y1, True), (y0, y1, x0, False), (y0, y1, x1, False)):
+        for s in range(a, b + 1, 2 * dash):
+            e = min(s + dash, b)
+            q0, q1 = ((s, fixed), (e, fixed)) if horizontal else ((fixed, s), (fixed, e))
+            cv2.line(out, q0, q1, color, thick, cv2.LINE_8)
 
 
 def _pixel_box(box_xyxy, src_size, dst_hw) -> tuple[int, int, int, int]:
@@ -168,7 +221,9 @@ def _pixel_box(box_xyxy, src_size, dst_hw) -> tuple[int, int, int, int]:
 # --- public API --------------------------------------------------------------------------------------------------
 def draw_boxes(image, results: Sequence["GroundingResult"], show_scores: bool = True,
                colors: Sequence[tuple[int, int, int]] | None = None, show_labels: bool = True) -> np.ndarray:
-    """Draw each result's box in its own color (`color_for(i)`, or `colors[i]`) with a label "phrase  ITM · ITC".
+    """Draw each result's box in its own color (`color_for(i)`, or `colors[i]`) with a label "phrase  ITM · ITC";
+    a result judged not found (`found` False) dashed and grey, its label saying "not found" ("not found?" when the
+    model's threshold is uncalibrated). Labels never overlap each other while the image has room, nor leave it.
 
     Boxes are in pixels of the image the result was computed on (`r.image_size`); if `image` has another size
     (e.g. a thumbnail) they are scaled to it. Boxes reaching outside the image are clipped to it; results whose box
@@ -184,11 +239,17 @@ def draw_boxes(image, results: Sequence["GroundingResult"], show_scores: bool = 
             continue
         color = tuple(int(c) for c in (colors[i] if colors is not None else color_for(i)))
         box = _pixel_box(r.box_xyxy, getattr(r, "image_size", None), (H, W))
-        cv2.rectangle(out, box[:2], box[2:], color, thick, cv2.LINE_8)
+        if verdict_text(r):                              # judged absent: a dashed grey box
+            color = NOT_FOUND_COLOR
+            _dashed_rectangle(out, box[:2], box[2:], color, thick)
+        else:
+            cv2.rectangle(out, box[:2], box[2:], color, thick, cv2.LINE_8)
         boxes.append((r, color, box))
     taken: list[tuple[int, int, int, int]] = []
     for r, color, box in boxes if show_labels else []:  # labels after all boxes so that no box line crosses a label
         segments = _label_segments(r.phrase, score_text(r) if show_scores else [])
+        if verdict_text(r):
+            segments.insert(1, verdict_text(r))
         taken.append(_draw_label(out, segments, color, box, scale, thick, taken))
     return out
 
