@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xvlm.grounder import Grounder
+from xvlm.grounder import Grounder, note_text
 from xvlm.preprocess import InputError, check_phrase
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -111,7 +111,7 @@ def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERAN
                                       f"(p {_fmt(h.itm, '.2f')}) · ITC {_fmt(h.itc, '.2f')}"))
         box = "–" if h.box_xyxy is None else ", ".join(f"{v:.0f}" for v in h.box_xyxy)
         rows.append([h.rank, Path(h.id).name, _fmt(h.itm_logit), _fmt(h.itm), _fmt(h.itc), box])
-    notes = sorted({v for h in hits for v in h.notes.values()})
+    notes = sorted({note_text(k, v) for h in hits for k, v in h.notes.items()})
     status = (f"**{len(hits)}** of {len(idx)} images for *{phrase}*: ranked by the ITM match logit over the "
               f"{min(len(idx), int(rerank))} best by ITC (X-VLM's retrieval protocol). Click a hit to open it in the "
               "grounding view." + "".join(f"\n\nnote: {n}" for n in notes))

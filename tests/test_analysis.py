@@ -12,6 +12,7 @@ import torch
 from xvlm import Grounder, InputError
 from xvlm.analysis import counterfactual, evidence, verdict, wordmaps
 from xvlm.grounder import GroundingResult
+from xvlm.preprocess import Tokenizer
 
 torch.set_num_threads(1)
 F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
@@ -141,9 +142,10 @@ def test_word_maps_average_back_to_the_phrase_gradcam(g):
 
 
 def test_word_rows_stop_at_the_token_limit(g):
-    caption, words, rows = wordmaps.word_token_rows(g.tokenizer, " ".join(["greenish"] * 25))   # 50 pieces
-    assert g.tokenizer.max_tokens == 40 and rows[-1] == [39] and len(words) == 20     # the 20th word: half read
-    assert len(g.tokenizer.tokens(caption)) == 51
+    tok = Tokenizer.for_config(F / "vocab.txt", g.model.cfg)        # the YAML's 40 tokens (official Grounders: 512)
+    caption, words, rows = wordmaps.word_token_rows(tok, " ".join(["greenish"] * 25))   # 50 pieces
+    assert tok.max_tokens == 40 and rows[-1] == [39] and len(words) == 20     # the 20th word: half read
+    assert len(tok.tokens(caption)) == 51
 
 
 # --- counterfactuals ---------------------------------------------------------------------------------------------

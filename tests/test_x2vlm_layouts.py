@@ -52,7 +52,7 @@ def test_full_size_official_layout_loads_and_grounds(tmp_path, vocab, layout, pr
     if "itc" in heads:
         assert r.patch_heatmap.shape == (grid, grid)
     else:
-        assert r.itc_image is None and set(r.notes) == {"itc", "itm"}
+        assert r.itc_image is None and set(r.notes) == {"itc", "itm", "found"}   # found: no verdict without ITM
 
 
 def test_full_size_layout_missing_one_tensor_is_refused(tmp_path, vocab):

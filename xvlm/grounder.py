@@ -35,6 +35,11 @@ NO_ITC = "the model has no ITC head (vision_proj/text_proj), e.g. the RefCOCO+ b
 NO_ITM = "the model has no ITM head, e.g. the RefCOCO+ bbox checkpoint; pair it with a scorer"
 
 
+def note_text(key: str, value: str | list[str]) -> str:
+    """A note as one line of text: most notes are sentences; a list (`unknown_words`) is named by its key."""
+    return f"{key.replace('_', ' ')}: {', '.join(value)}" if isinstance(value, list) else value
+
+
 @dataclass
 class GroundingResult:
     phrase: str

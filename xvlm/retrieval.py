@@ -220,7 +220,7 @@ class Hit:
     itm: float | None              # ITM match probability (the grounding view's figure)
     box_xyxy: list[float] | None = None
     grounding: "GroundingResult | None" = None    # box, heatmap, notes (why a field is None)
-    notes: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str | list[str]] = field(default_factory=dict)
 
     def to_dict(self, heatmap: bool = False) -> dict:
         d = {"rank": self.rank, "id": self.id, "path": self.path, "itc": self.itc, "itm_logit": self.itm_logit,

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .cli import UsageError, _fail, _one_line, _user_errors
+from .grounder import note_text
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +177,7 @@ def format_hits(hits, phrase: str, idx) -> str:
     if not idx.searcher.exact:
         lines.insert(1, f"ITC stage: approximate search ({idx.searcher.kind}), recall@10 against exact search "
                         f"{idx.ann_recall():.3f} on 100 queries near indexed images")
-    notes = {v for h in hits for v in h.notes.values()}
+    notes = {note_text(k, v) for h in hits for k, v in h.notes.items()}
     lines += [""] + [f"note: {n}" for n in sorted(notes)] if notes else []
     lines += ["", "ranked by the ITM match logit (hits past --rerank by ITC, ITM logit '-'), as X-VLM's retrieval "
                   "evaluation; ITM: the match probability shown by the grounding view"]
