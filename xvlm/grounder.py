@@ -22,10 +22,11 @@ from PIL import Image
 from . import box_ops
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
+from .hub import default_weights
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
 from .preprocess import Canvas, InputError, Tokenizer, check_phrase, image_to_tensor, load_image
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
+DEFAULT_WEIGHTS = default_weights()   # weights/xvlm-shapes of a checkout, or the installed package's copy (xvlm.hub)
 MAX_PHRASES = 32
 
 NO_BOX = "the model has no bbox head (e.g. the weakly-supervised grounding checkpoint)"
