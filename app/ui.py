@@ -14,6 +14,7 @@ import gradio as gr
 
 from . import callbacks as cb
 from .models import ModelRegistry, ModelUnavailable
+from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "X-VLM visual grounding"
@@ -92,6 +93,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
         raise ModelUnavailable("no model to serve")
     examples = cb.load_examples(assets_dir)
 
+    @gpu   # ZeroGPU: a request holds the GPU only inside this call (app/zerogpu.py; a no-op without `spaces`)
     def run(model_name, image, phrases, granularity, alpha, layer, want_cam=True):
         try:
             g = registry.get(model_name)
@@ -111,6 +113,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
             return [gr.skip()] * 13
         return run(model_name, image, phrases, granularity, alpha, layer, want_cam)
 
+    @gpu
     def model_changed(model_name):
         try:
             g = registry.get(model_name)
@@ -123,6 +126,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
             layer_update = gr.update(choices=[], value=None, visible=False)
         return cb.describe_model(g), layer_update
 
+    @gpu
     def api_ground(image, phrases):
         try:
             g = registry.get(registry.default)

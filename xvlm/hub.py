@@ -4,8 +4,8 @@
 vocab.txt; an ONNX export adds its graphs). Order:
     1. an existing local folder of that name wins (no Hub call, even when the name looks like a repo id);
     2. otherwise a repo id is fetched with `huggingface_hub.snapshot_download` into its cache (`cache_dir`, else
-       HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub). With HF_HUB_OFFLINE=1 (read at every call, not only when
-       huggingface_hub is imported) or `local_files_only=True` only the cache is read and nothing reaches the network.
+       HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub). With HF_HUB_OFFLINE=1 (these variables are read at every
+       call, not only when huggingface_hub is imported) or `local_files_only=True` only the cache is read and nothing reaches the network.
 
 The shipped default model is `weights/xvlm-shapes/` of a checkout; an installed package carries it as package data in
 `xvlm/weights/xvlm-shapes/` (pyproject.toml maps weights/ there). `default_weights()` looks in both places.
@@ -40,6 +40,13 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
+def _env_cache_dir() -> str | None:
+    """HF_HUB_CACHE / HF_HOME read now (huggingface_hub reads them once, when it is imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
 def resolve_model(name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
                   local_files_only: bool = False, token: str | bool | None = None) -> Path:
     """A local model folder for `name`: the folder itself when it exists, else a Hub repo snapshot (see module doc)."""
@@ -58,6 +65,7 @@ def resolve_model(name: str | Path, revision: str | None = None, cache_dir: str 
         raise FileNotFoundError(f"{name} is not a local folder, and huggingface_hub is not installed to fetch it "
                                 "from the Hub (pip install huggingface_hub)") from e
     offline = local_files_only or hub_offline()
+    cache_dir = cache_dir or _env_cache_dir()
     where = f"{name}" + (f"@{revision}" if revision else "")
     try:
         folder = snapshot_download(str(name), revision=revision, cache_dir=cache_dir, local_files_only=offline,
