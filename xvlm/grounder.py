@@ -346,7 +346,7 @@ class Grounder:
         itc_image = text_feat @ feats[0]
         heat = (feats[1:] @ text_feat.T).T.reshape(len(results), self.grid_size, self.grid_size)
         for r, s, h in zip(results, itc_image.cpu(), heat.cpu()):
-            r.itc_image, r.patch_heatmap = float(s), h.numpy()
+            r.itc_image, r.patch_heatmap = float(s), h.float().numpy()
         if boxes is None:
             for r in results:
                 r.notes["itc_region"] = NO_BOX
@@ -398,7 +398,7 @@ class Grounder:
         with self._inference():
             ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
             text_feat = m.text_features(m.encode_text(ids, mask)).float()
-            return (text_feat @ m.image_features(concepts.to(text_feat.dtype)).T).cpu().numpy()
+            return (text_feat @ m.image_features(concepts.to(text_feat.dtype)).T).float().cpu().numpy()
 
     def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
         """The official weakly-supervised grounding map (Grounding.py): Grad-CAM of the ITM positive logit w.r.t. a
