@@ -421,7 +421,7 @@ def bench_grounder(g, image_path: Path, repeats: int, warmup: int, compiled: boo
 
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)}, fp16 autocast)"
+        return f"cuda ({torch.cuda.get_device_name(dev)}, fp32)"
     return "cpu (float32)"
 
 
