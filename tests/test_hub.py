@@ -94,6 +94,7 @@ def test_app_takes_a_repo_id(hub_cache, monkeypatch):
 
     specs = specs_from_options(model=REPO, revision="v1", default_weights=None, precision="fp32")
     assert [s.name for s in specs] == [f"{REPO}@v1 (Hub)"] and specs[0].problems() == []
+    assert specs[0].kwargs == {"revision": "v1", "precision": "fp32"}
     g = ModelRegistry(specs).get()
     assert g.ground(IMAGE, "a red circle").box_xyxy is not None
     import importlib.util
