@@ -47,6 +47,10 @@ def test_int8_quantises_the_linear_layers_and_has_no_gradcam(fp32):
     quantized = [m for m in g.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert not linear and len(quantized) == sum(1 for m in fp32.model.modules() if type(m) is nn.Linear)
     assert any(type(m) is nn.Linear for m in fp32.model.modules())      # the fp32 model was not quantised in place
+    one = torch.randn(g.model.cfg.vision.width)                         # a single vector, as nn.Linear takes it
+    with torch.inference_mode():
+        assert torch.allclose(g.model.image_features(one), g.model.image_features(one[None])[0])
+        assert (g.model.image_features(one) - fp32.model.image_features(one)).abs().max() < 0.05
     assert g.capabilities["gradcam"] is False and "autograd" in g.unavailable["gradcam"]
     with pytest.raises(RuntimeError, match="autograd"):
         g.gradcam(IMAGES[0], PHRASES[0])

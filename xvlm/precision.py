@@ -51,6 +51,19 @@ def bf16_note(device: torch.device) -> str | None:
     return None
 
 
+def _int8_linear():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    class Int8Linear(DynamicLinear):
+        """torch's dynamic int8 Linear, which rejects 1-D inputs, taking them like nn.Linear does (one vector, e.g.
+        the projection of a single image feature)."""
+
+        def forward(self, x):
+            return super().forward(x[None])[0] if x.dim() == 1 else super().forward(x)
+
+    return Int8Linear
+
+
 def apply(model: nn.Module, precision: str) -> nn.Module:
     """The model to run at `precision`: itself for fp32 / bf16 (autocast does the rest), an int8 copy for int8."""
     if precision != "int8":
@@ -59,7 +72,8 @@ def apply(model: nn.Module, precision: str) -> nn.Module:
 
     with warnings.catch_warnings():          # torch deprecates the quantised tensor constructors in favour of torchao
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+        quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8,
+                                     mapping={nn.Linear: _int8_linear()})
     return quantized
 
 
