@@ -9,6 +9,9 @@ Options (each also an environment variable, the flag wins):
     --preset NAME       XVLM_PRESET       ... or by a built-in preset (xvlm-base-refcoco-bbox, x2vlm-large-1b, ...)
     --tokenizer VOCAB   XVLM_TOKENIZER    ... with the bert-base-uncased vocab.txt (or its folder)
     --model DIR         XVLM_MODEL        a model folder in our format (config.json + model.safetensors + vocab.txt)
+                                          or a Hugging Face Hub model repo id org/name (HF_HUB_OFFLINE=1: cache only)
+    --revision REV      XVLM_REVISION     ... the Hub repo's branch, tag or commit
+    --precision P       XVLM_PRECISION    fp32 (default, exact) | bf16 (autocast) | int8 (CPU, dynamic quantisation)
     --compile           XVLM_COMPILE=1    torch.compile the vision encoder (worth it on a GPU; slow first load)
     --host, --port, --share               where to serve (default 127.0.0.1:7860; 0.0.0.0 on a Space)
 Each model is warmed up with one query on a blank image when it loads, so the first user does not wait for it.
@@ -36,7 +39,10 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     p.add_argument("--config", default=defaults["config"], help="official task YAML for --checkpoint")
     p.add_argument("--preset", default=defaults["preset"], help="built-in config preset for --checkpoint")
     p.add_argument("--tokenizer", default=defaults["tokenizer"], help="vocab.txt (or folder) for --checkpoint")
-    p.add_argument("--model", default=defaults["model"], help="model folder in our format")
+    p.add_argument("--model", default=defaults["model"], help="model folder in our format, or a Hub repo id")
+    p.add_argument("--revision", default=defaults["revision"], help="Hub revision of --model")
+    p.add_argument("--precision", default=defaults["precision"] or "fp32", choices=("fp32", "bf16", "int8"),
+                   help="inference precision of every model (default fp32)")
     p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT") or 7860))
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
@@ -47,7 +53,8 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
 
 def build_registry(args: argparse.Namespace) -> ModelRegistry:
     specs = specs_from_options(checkpoint=args.checkpoint, preset=args.preset, config=args.config,
-                               tokenizer=args.tokenizer, model=args.model)
+                               tokenizer=args.tokenizer, model=args.model, revision=args.revision,
+                               precision=args.precision)
     if not specs:
         raise ModelUnavailable(missing_default_message())
     for spec in specs:

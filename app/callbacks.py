@@ -165,7 +165,7 @@ def capability_notes(g: Grounder) -> dict[str, str]:
     if not caps["itc"]:
         out["itc"] = f"No patch-ITC heatmaps: {NO_ITC}."
     if not caps["gradcam"]:
-        out["gradcam"] = f"No ITM Grad-CAM: {NO_ITM}."
+        out["gradcam"] = f"No ITM Grad-CAM: {getattr(g, 'unavailable', {}).get('gradcam', NO_ITM)}."
     if not (caps["box"] and caps["itc"]):
         out["objects"] = "No phrase x box matrix: it needs both the bbox head (the boxes) and the ITC head " \
                          "(their concept features)."

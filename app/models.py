@@ -3,7 +3,9 @@
 A model is described by a `ModelSpec` (cheap: paths only); `ModelRegistry.get(name)` builds the `Grounder` on first
 use. The registry is shared by all sessions (models are read-only); per-user state lives in the Gradio session.
 Sources, in the order they appear in the selector:
-    --model DIR / XVLM_MODEL            a model folder in our format (config.json + model.safetensors + vocab.txt)
+    --model DIR / XVLM_MODEL            a model folder in our format (config.json + model.safetensors + vocab.txt),
+                                        or a Hugging Face Hub repo id org/name (--revision / XVLM_REVISION; xvlm.hub)
+    --precision / XVLM_PRECISION        fp32 (default) | bf16 | int8, for every model (xvlm.precision)
     --checkpoint FILE / XVLM_CHECKPOINT an official X-VLM / X²-VLM checkpoint, shaped by --config YAML (XVLM_CONFIG) or
                                         --preset NAME (XVLM_PRESET), with --tokenizer vocab.txt (XVLM_TOKENIZER)
     the shipped default model           weights/xvlm-shapes/ (`Grounder.from_pretrained()`), when present
@@ -18,8 +20,12 @@ from pathlib import Path
 
 from xvlm.config import official_family
 from xvlm.grounder import DEFAULT_WEIGHTS, Grounder
+from xvlm.hub import is_repo_id
 
-ENV_VARS = ("XVLM_CHECKPOINT", "XVLM_PRESET", "XVLM_CONFIG", "XVLM_TOKENIZER", "XVLM_MODEL")
+from .zerogpu import on_zerogpu
+
+ENV_VARS = ("XVLM_CHECKPOINT", "XVLM_PRESET", "XVLM_CONFIG", "XVLM_TOKENIZER", "XVLM_MODEL", "XVLM_REVISION",
+            "XVLM_PRECISION")
 DEFAULT_NAME = "xvlm-shapes (default)"
 
 
@@ -41,7 +47,8 @@ class ModelSpec:
         """What is wrong with this spec before trying to load it (missing files, missing arguments)."""
         out = []
         if self.kind == "pretrained":
-            if not (Path(self.path) / "config.json").is_file():
+            hub_id = not Path(self.path).exists() and is_repo_id(self.path)   # resolved (and checked) when loading
+            if not hub_id and not (Path(self.path) / "config.json").is_file():
                 out.append(f"no model in {self.path} (expected config.json, model.safetensors and vocab.txt)")
         elif self.kind == "official":
             if not Path(self.path).is_file():
@@ -137,7 +144,8 @@ class ModelRegistry:
                     raise ModelUnavailable(f"could not load model '{name}': {type(e).__name__}: {e}") from e
                 if self.compile:
                     g.compile_vision()
-                g.warmup()               # the first user's query should not pay for lazy initialisation
+                if not on_zerogpu():     # there a GPU exists only inside a request (app/zerogpu.py)
+                    g.warmup()           # the first user's query should not pay for lazy initialisation
                 self._models[name] = g
         return self._models[name]
 
@@ -152,12 +160,18 @@ def missing_default_message() -> str:
 
 def specs_from_options(checkpoint: str | None = None, preset: str | None = None, config: str | None = None,
                        tokenizer: str | None = None, model: str | None = None,
-                       default_weights: str | Path | None = DEFAULT_WEIGHTS) -> list[ModelSpec]:
+                       default_weights: str | Path | None = DEFAULT_WEIGHTS, revision: str | None = None,
+                       precision: str | None = None) -> list[ModelSpec]:
     """The selector's models: the ones named by flags/env vars first (the first one is selected), then the default
-    model when its folder exists."""
+    model when its folder exists. `precision` applies to every model; `revision` to a Hub `model`."""
     specs = []
     if model:
-        specs.append(ModelSpec(name=f"{Path(model).name} (model folder)", kind="pretrained", path=str(model)))
+        hub_id = not Path(model).exists() and is_repo_id(model)
+        label = f"{model}{'@' + revision if revision else ''} (Hub)" if hub_id else f"{Path(model).name} (model folder)"
+        specs.append(ModelSpec(name=label, kind="pretrained", path=str(model),
+                               kwargs={"revision": revision} if hub_id and revision else {}))
+    elif revision:
+        raise ModelUnavailable("--revision (XVLM_REVISION) goes with a Hub --model org/name (XVLM_MODEL)")
     if checkpoint:
         p = Path(checkpoint)
         label = f"{p.parent.name}/{p.name}" if p.parent.name else p.name
@@ -169,6 +183,9 @@ def specs_from_options(checkpoint: str | None = None, preset: str | None = None,
                                "official checkpoint: give it with --checkpoint (XVLM_CHECKPOINT)")
     if default_weights is not None and (Path(default_weights) / "config.json").is_file():
         specs.append(ModelSpec(name=DEFAULT_NAME, kind="pretrained", path=str(default_weights)))
+    if precision:
+        for s in specs:
+            s.kwargs["precision"] = precision
     return specs
 
 

@@ -22,6 +22,7 @@ from .analysis_panel import HOW_TO_READ as ANALYSIS_HOW_TO_READ  # noqa: E402
 from .analysis_panel import build_analysis_panel  # noqa: E402
 from .models import ModelRegistry, ModelUnavailable  # noqa: E402
 from .search_tab import build_search_tab  # noqa: E402
+from .zerogpu import gpu  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "X-VLM visual grounding"
@@ -103,6 +104,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
         raise ModelUnavailable("no model to serve")
     examples = cb.load_examples(assets_dir)
 
+    @gpu   # ZeroGPU: a request holds the GPU only inside this call (app/zerogpu.py; a no-op without `spaces`)
     def run(model_name, image, phrases, granularity, alpha, layer, want_cam=True, progress=gr.Progress()):
         try:
             if model_name in registry and not registry.is_loaded(model_name):
@@ -124,6 +126,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
             return [gr.skip()] * 13
         return run(model_name, image, phrases, granularity, alpha, layer, want_cam, progress)
 
+    @gpu
     def model_changed(model_name):
         try:
             g = registry.get(model_name)
@@ -136,6 +139,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
             layer_update = gr.update(choices=[], value=None, visible=False)
         return cb.describe_model(g, registry.model_dir(model_name)), layer_update
 
+    @gpu
     def api_ground(image, phrases):
         try:
             g = registry.get(registry.default)

@@ -142,7 +142,8 @@ def test_word_maps_average_back_to_the_phrase_gradcam(g):
 
 
 def test_word_rows_stop_at_the_token_limit(g):
-    tok = Tokenizer.for_config(F / "vocab.txt", g.model.cfg)        # the YAML's 40 tokens (official Grounders: 512)
+    # the YAML's 40-token bound (official Grounders cut only at the 512 positions)
+    tok = Tokenizer.for_config(F / "vocab.txt", dataclasses.replace(g.model.cfg, grounding_truncation="max_tokens"))
     caption, words, rows = wordmaps.word_token_rows(tok, " ".join(["greenish"] * 25))   # 50 pieces
     assert tok.max_tokens == 40 and rows[-1] == [39] and len(words) == 20     # the 20th word: half read
     assert len(tok.tokens(caption)) == 51

@@ -4,6 +4,7 @@ containers and an `instances.json` whose boxes are the official prediction (hit)
 refs pickle is read with the restricted unpickler; a pickle that would run code is refused without running it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -131,7 +132,8 @@ def test_the_command_does_not_truncate_long_expressions_like_the_official_evalua
     test.write_text(json.dumps([{"image": CASES[0]["image"], "text": long_text, "ref_id": 0}]))
     g = Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
     assert len(g.tokenizer([long_text]).input_ids[0]) == 62        # official Grounders: bounded by positions only
-    g.tokenizer = Tokenizer.for_config(TEXT, g.model.cfg)           # the YAML's 40-token training bound: counted
+    g.tokenizer = Tokenizer.for_config(TEXT, dataclasses.replace(g.model.cfg, grounding_truncation="max_tokens"))
+    assert g.tokenizer.max_tokens == 40                              # the YAML's training bound: truncation counted
     refer = Refer.load(dataset, "refcoco+", "unc")
     assert evaluate(g, json.loads(test.read_text()), refer, dataset / "images", progress=False)["truncated"] == 1
     out = tmp_path / "report.json"

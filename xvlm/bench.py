@@ -1,6 +1,7 @@
 """`python -m xvlm bench`: how fast a box appears after a phrase is typed.
 
     python -m xvlm bench [--models default,base] [--repeats 5] [--warmup 1] [--threads N] [--device cpu|cuda]
+                         [--precision fp32|bf16|int8]
                          [--compile] [--image PNG | --image-size WxH] [--markdown RESULTS.md]
 
 For each model it times the queries a grounding demo makes, through the public `Grounder` API:
@@ -371,8 +372,8 @@ def bench_grounder(g, image_path: Path, repeats: int, warmup: int, compiled: boo
                    memory: MemoryProbe | None = None) -> ModelReport:
     dev = g.device
     pil = g.image_as_seen(image_path)[0]
-    report = ModelReport(g.name, describe(g), _device_name(dev), torch.get_num_threads(), repeats, warmup,
-                         f"{image_path.name} {pil.size[0]}x{pil.size[1]}", compiled)
+    report = ModelReport(g.name, describe(g), f"{_device_name(dev)}, {g.precision}", torch.get_num_threads(), repeats,
+                         warmup, f"{image_path.name} {pil.size[0]}x{pil.size[1]}", compiled)
     follow = iter(range(10 ** 9))
 
     def next_phrase() -> str:
@@ -441,8 +442,8 @@ def bench_grounder(g, image_path: Path, repeats: int, warmup: int, compiled: boo
 
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)}, fp16 autocast)"
-    return "cpu (float32)"
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return "cpu"
 
 
 # --- output ----------------------------------------------------------------------------------------------------------
@@ -509,6 +510,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of every query first (default 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="inference precision of every model (xvlm.precision; default fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vision encoder (compilation happens before timing)")
     p.add_argument("--image", type=Path, help="an image file to use (default: a synthetic PNG, see --image-size)")
@@ -550,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device) if a.device else pick_device()
     command = "python -m xvlm bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"machine: {machine_line()}")
-    print(f"device: {_device_name(device)}", flush=True)
+    print(f"device: {_device_name(device)}; precision {a.precision}", flush=True)
     reports, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="xvlm-bench-") as tmp:
         tmp = Path(tmp)
@@ -565,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped {msg}", flush=True)
                 skipped.append(msg)
                 continue
+            if a.precision != "fp32":
+                try:
+                    g = type(g)(g.model, g.tokenizer, device=device, scorer=g.scorer, name=f"{g.name}, {a.precision}",
+                                precision=a.precision)
+                except ValueError as e:      # e.g. int8 on a GPU
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
             if a.compile:
                 g.compile_vision()
             probe.loaded()

@@ -2,8 +2,8 @@
 
     python -m xvlm ground IMAGE PHRASE [PHRASE ...] [--model DIR | --checkpoint CKPT (--config YAML | --preset NAME)
                           --tokenizer VOCAB] [--json [--heatmaps]] [--out figure.png] [--gradcam-layer N]
-                          [--device cpu|cuda]
-    python -m xvlm train|eval|bench ...      (xvlm.train / xvlm.evaluate / xvlm.bench parse their own arguments)
+                          [--device cpu|cuda] [--precision fp32|bf16|int8] [--backend torch|onnxruntime]
+    python -m xvlm train|eval|bench|convert|export-onnx ...   (their modules parse their own arguments)
 
 User errors (missing or unreadable files, empty phrases, checkpoints that do not fit) print one line on stderr and
 exit with status 2, without a traceback.
@@ -21,7 +21,8 @@ EXIT_USAGE = 2
 # ("module:function" names another entry point than `main`)
 LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench",
                  "refcoco": "xvlm.refcoco", "calibrate": "xvlm.analysis.verdict",
-                 "index": "xvlm.search_cli:index_main", "search": "xvlm.search_cli:search_main"}
+                 "index": "xvlm.search_cli:index_main", "search": "xvlm.search_cli:search_main",
+                 "convert": "xvlm.convert", "export-onnx": "xvlm.onnx_backend"}
 HEATMAP_KEYS = ("patch_heatmap", "region_mask")
 
 USAGE = """usage: python -m xvlm <command> [args]
@@ -35,6 +36,8 @@ commands:
   index    index a folder of images for search (xvlm.search_cli)
   search   search an index by phrase (xvlm.search_cli)
   calibrate  fit the not-found verdict's threshold on present / absent phrases (xvlm.analysis.verdict)
+  convert  official checkpoint -> model folder (model.safetensors, config.json, vocab.txt, card) (xvlm.convert)
+  export-onnx  model folder -> ONNX graphs for the onnxruntime backend (xvlm.onnx_backend)
 """
 
 
@@ -68,7 +71,9 @@ def ground_parser() -> argparse.ArgumentParser:
     p.add_argument("phrases", nargs="+", metavar="PHRASE", help="one or more referring phrases")
     src = p.add_argument_group("model (default: the shipped model in weights/)")
     src.add_argument("--model", metavar="DIR", help="a model folder saved by save_pretrained "
-                                                    "(config.json, model.safetensors, vocab.txt)")
+                                                    "(config.json, model.safetensors, vocab.txt), or a Hugging Face "
+                                                    "Hub repo id org/name (HF_HUB_OFFLINE=1: cache only)")
+    src.add_argument("--revision", metavar="REV", help="with a Hub --model: branch, tag or commit")
     src.add_argument("--checkpoint", metavar="CKPT", help="an official X-VLM or X²-VLM checkpoint (.pth/.th)")
     src.add_argument("--config", metavar="YAML", help="the official task YAML of --checkpoint")
     src.add_argument("--preset", metavar="NAME", help="a built-in configuration for --checkpoint instead of --config")
@@ -82,10 +87,25 @@ def ground_parser() -> argparse.ArgumentParser:
     out.add_argument("--gradcam-layer", type=int, metavar="N",
                      help="fusion layer for the ITM Grad-CAM column of --out (default: the middle fusion layer)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="fp32 (default, exact), bf16 (autocast) or int8 (CPU, dynamic quantisation of Linear layers)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: --model is a folder written by `python -m xvlm export-onnx`")
     return p
 
 
+# What `_check_args` and `_load_grounder` read; commands whose parsers offer only some of these (index, search,
+# refcoco) get the rest
+MODEL_DEFAULTS = {"model": None, "revision": None, "checkpoint": None, "config": None, "preset": None,
+                  "tokenizer": None, "scorer_checkpoint": None, "device": None, "precision": "fp32", "backend": "torch"}
+
+
+def _model_options(a: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**MODEL_DEFAULTS, **vars(a)})
+
+
 def _check_args(a: argparse.Namespace) -> None:
+    a = _model_options(a)
     if a.model and a.checkpoint:
         raise UsageError("give either --model or --checkpoint, not both")
     if a.checkpoint:
@@ -100,7 +120,14 @@ def _check_args(a: argparse.Namespace) -> None:
     elif a.config or a.preset or a.tokenizer or a.scorer_checkpoint:
         raise UsageError("--config, --preset, --tokenizer and --scorer-checkpoint go with --checkpoint")
     if a.model and not Path(a.model).is_dir():
-        raise FileNotFoundError(f"--model folder not found: {a.model}")
+        from .hub import is_repo_id
+
+        if not is_repo_id(a.model):
+            raise FileNotFoundError(f"--model folder not found: {a.model}")
+    if a.revision and not a.model:
+        raise UsageError("--revision goes with --model org/name")
+    if a.backend == "onnxruntime" and (a.checkpoint or a.precision != "fp32"):
+        raise UsageError("--backend onnxruntime takes an exported --model folder, in fp32")
     if a.heatmaps and not a.json:
         raise UsageError("--heatmaps goes with --json")
     if a.out is not None:
@@ -115,6 +142,8 @@ def _check_args(a: argparse.Namespace) -> None:
 def _load_grounder(a: argparse.Namespace):
     from .grounder import Grounder
 
+    a = _model_options(a)
+
     if a.device == "cuda":
         import torch
 
@@ -122,9 +151,11 @@ def _load_grounder(a: argparse.Namespace):
             raise UsageError("--device cuda: no CUDA device is available")
     if a.checkpoint:
         return Grounder.from_official(a.checkpoint, config=a.config, preset=a.preset, tokenizer=a.tokenizer,
-                                      scorer_checkpoint=a.scorer_checkpoint, device=a.device)
+                                      scorer_checkpoint=a.scorer_checkpoint, device=a.device, precision=a.precision)
     try:
-        return Grounder.from_pretrained(a.model, device=a.device)
+        if a.backend == "onnxruntime":
+            return Grounder.from_pretrained(a.model, revision=a.revision, backend="onnxruntime")
+        return Grounder.from_pretrained(a.model, revision=a.revision, device=a.device, precision=a.precision)
     except FileNotFoundError as e:
         if a.model is None:
             raise FileNotFoundError(f"{e}. Or pass a model: --model DIR, or --checkpoint CKPT --config YAML "

@@ -20,6 +20,7 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("squash", "letterbox")   # VisionConfig.resize; preprocess.Canvas
 CONVERT_MODES = ("official", "composite")   # VisionConfig.convert; preprocess.to_rgb
 PUNCTUATION_MODES = ("delete", "space")  # XVLMConfig.punctuation; preprocess.pre_caption
+TRUNCATION_MODES = ("max_tokens", "positions")   # XVLMConfig.grounding_truncation; preprocess.Tokenizer.for_config
 
 
 @dataclass
@@ -93,6 +94,10 @@ class XVLMConfig:
     # `[CLS] tokens`; X²-VLM's pre_caption replaces punctuation by a space and its tokenizer appends [SEP].
     punctuation: str = "delete"        # 'delete' or 'space'
     append_sep: bool = False
+    # Where grounding cuts a long phrase: at `max_tokens` (the training bound; our models) or only at the position
+    # table ("positions": the official grounding evaluations do not truncate; every official checkpoint). Retrieval
+    # always truncates at `max_tokens`, as the official Retrieval.py does.
+    grounding_truncation: str = "max_tokens"
     # The closed training vocabulary (whole words) of a model trained on a closed corpus, such as the shapes model:
     # words outside it are unknown to the model even when WordPiece splits them into known pieces
     # (`xvlm.vocabulary`). None: an open vocabulary, where a word is unknown when it becomes [UNK].
@@ -106,6 +111,9 @@ class XVLMConfig:
     def __post_init__(self):
         if self.punctuation not in PUNCTUATION_MODES:
             raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, got {self.punctuation!r}")
+        if self.grounding_truncation not in TRUNCATION_MODES:
+            raise ValueError(f"grounding_truncation must be one of {TRUNCATION_MODES}, "
+                             f"got {self.grounding_truncation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

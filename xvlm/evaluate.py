@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="inference precision (xvlm.precision; default fp32)")
     p.add_argument("--probe", action="store_true",
                    help="also fit linear read-outs of object boxes and shapes from concept features (diagnostics)")
     p.add_argument("--cross-renderer", type=int, default=0, metavar="N",
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         return retrieval_eval.main(args)
     if args.cross_only and not args.cross_renderer:
         p.error("--cross-only goes with --cross-renderer N")
-    g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
+    g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4, precision=args.precision)
     if args.cross_only:
         report = {"model": g.name}
     else:

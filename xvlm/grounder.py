@@ -9,6 +9,7 @@ Data path of `ground` (one image encoding, one batched text + fusion pass for al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
@@ -20,14 +21,16 @@ import torch
 from PIL import Image
 
 from . import analysis, box_ops
+from . import precision as _precision
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
+from .hub import default_weights, resolve_model
 from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
 from .preprocess import (Canvas, InputError, Tokenizer, check_phrase, conversion_notes, decode_image, image_to_tensor,
                          load_image)
 from .vocabulary import note_unknown_words
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "xvlm-shapes"
+DEFAULT_WEIGHTS = default_weights()   # weights/xvlm-shapes of a checkout, or the installed package's copy (xvlm.hub)
 MAX_PHRASES = 32
 
 NO_BOX = "the model has no bbox head (e.g. the weakly-supervised grounding checkpoint)"
@@ -156,17 +159,21 @@ class Grounder:
     when the box model has none (the official RefCOCO+ bbox checkpoint)."""
 
     def __init__(self, model: XVLM, tokenizer: Tokenizer, device: str | torch.device | None = None,
-                 scorer: XVLM | None = None, cache_entries: int = 16, name: str = "model"):
+                 scorer: XVLM | None = None, cache_entries: int = 16, name: str = "model",
+                 precision: str | None = None):
         self.device = torch.device(device) if device is not None else pick_device()
-        self.model = model.eval().to(self.device)
-        self.scorer = scorer.eval().to(self.device) if scorer is not None else None
+        # "fp32" (default: official numerics), "bf16" (autocast) or "int8" (CPU, dynamic quantisation): xvlm.precision
+        self.precision = _precision.check(precision, self.device)
+        self.precision_note = _precision.bf16_note(self.device) if self.precision == "bf16" else None
+        if scorer is not None and scorer.cfg.vision != model.cfg.vision:
+            raise ValueError("the scorer's vision encoder config differs from the box model's")
+        self._shared_vision = scorer is None or _same_weights(model.vision_encoder, scorer.vision_encoder)
+        self.model = _precision.apply(model.eval(), self.precision).to(self.device)
+        self.scorer = _precision.apply(scorer.eval(), self.precision).to(self.device) if scorer is not None else None
         self.tokenizer = tokenizer
         self.name = name
         self.cache = EncodingCache(max_entries=cache_entries)
         self.stats = {"vision_passes": 0, "cache_hits": 0}
-        if self.scorer is not None and self.scorer.cfg.vision != model.cfg.vision:
-            raise ValueError("the scorer's vision encoder config differs from the box model's")
-        self._shared_vision = self.scorer is None or _same_weights(self.model.vision_encoder, self.scorer.vision_encoder)
         self._lock = threading.RLock()
 
     def compile_vision(self) -> "Grounder":
@@ -191,16 +198,35 @@ class Grounder:
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, **kw) -> "Grounder":
-        """Our format (config.json + model.safetensors + vocab.txt); no argument: the shipped default model."""
-        path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    def from_pretrained(cls, path: str | Path | None = None, revision: str | None = None,
+                        cache_dir: str | Path | None = None, scorer: str | Path | None = None,
+                        backend: str = "torch", **kw) -> "Grounder":
+        """Our format (config.json + model.safetensors + vocab.txt) from a local folder or a Hub repo id ("org/name"
+        at `revision`, cached in `cache_dir`; an existing local folder of that name wins; HF_HUB_OFFLINE=1 reads the
+        cache only: xvlm.hub). No argument: the shipped default model. `scorer`: a second model folder / repo whose
+        ITC/ITM heads score the boxes of a box-only model. `backend="onnxruntime"`: a folder written by
+        `python -m xvlm export-onnx` (xvlm.onnx_backend). `precision=` "fp32" | "bf16" | "int8" (xvlm.precision)."""
+        if path is None:
+            path = DEFAULT_WEIGHTS
+        else:
+            path = resolve_model(path, revision=revision, cache_dir=cache_dir)
+        if backend == "onnxruntime":
+            from .onnx_backend import OnnxGrounder
+
+            if scorer is not None:
+                raise ValueError("the onnxruntime backend serves one model; export a model with all the heads")
+            return OnnxGrounder.from_folder(path, name=kw.pop("name", _model_name(path)), **kw)
+        if backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no model in {path}: expected config.json, model.safetensors and vocab.txt"
                                     + (" (the default model is trained with `python -m xvlm train`)"
                                        if path == DEFAULT_WEIGHTS else ""))
         model = load_pretrained(path)
         tokenizer = Tokenizer.for_config(path, model.cfg)
-        return cls(model, tokenizer, name=kw.pop("name", path.name), **kw)
+        if scorer is not None:
+            kw["scorer"] = load_pretrained(resolve_model(scorer, cache_dir=cache_dir))
+        return cls(model, tokenizer, name=kw.pop("name", _model_name(path)), **kw)
 
     @classmethod
     def from_official(cls, checkpoint: str | Path, config: str | Path | None = None, preset: str | None = None,
@@ -214,9 +240,7 @@ class Grounder:
             raise ValueError("official checkpoints need a tokenizer: the bert-base-uncased vocab.txt (or its folder)")
         model = load_official(checkpoint, cfg)
         scorer = load_official(scorer_checkpoint, cfg) if scorer_checkpoint is not None else None
-        # The official grounding evaluation tokenizes with padding='longest' and no truncation (the YAML's max_tokens
-        # is a training setting): cut only where BERT has no position embedding left, with a note.
-        tok = Tokenizer.for_config(tokenizer, cfg, max_tokens=cfg.text.max_position_embeddings)
+        tok = Tokenizer.for_config(tokenizer, cfg)        # grounding_truncation="positions" (_official_config)
         if tok.vocab_size != cfg.text.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {cfg.text.vocab_size}")
         return cls(model, tok, scorer=scorer, name=kw.pop("name", Path(checkpoint).name), **kw)
@@ -233,7 +257,13 @@ class Grounder:
     @property
     def capabilities(self) -> dict[str, bool]:
         return {"box": "bbox" in self.model.heads, "itc": self._itc_model is not None,
-                "itm": self._itm_model is not None, "gradcam": self._itm_model is not None}
+                "itm": self._itm_model is not None,
+                "gradcam": self._itm_model is not None and "gradcam" not in self.unavailable}
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Why a capability is off although the model has the heads for it (precision, backend)."""
+        return {"gradcam": _precision.NO_GRADCAM_INT8} if self.precision == "int8" else {}
 
     @property
     def grid_size(self) -> int:
@@ -269,11 +299,11 @@ class Grounder:
             return enc
 
     def _inference(self) -> contextlib.ExitStack:
-        """No autograd; half precision on CUDA (the heads' outputs are read back in float32)."""
+        """No autograd; autocast only when a lower precision was asked for (the heads' outputs are read back in
+        float32)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if self.device.type == "cuda":
-            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        stack.enter_context(_precision.autocast(self.device, self.precision))
         return stack
 
     # --- grounding ----------------------------------------------------------------------------------------------
@@ -344,7 +374,7 @@ class Grounder:
         itc_image = text_feat @ feats[0]
         heat = (feats[1:] @ text_feat.T).T.reshape(len(results), self.grid_size, self.grid_size)
         for r, s, h in zip(results, itc_image.cpu(), heat.cpu()):
-            r.itc_image, r.patch_heatmap = float(s), h.numpy()
+            r.itc_image, r.patch_heatmap = float(s), h.float().numpy()
         if boxes is None:
             for r in results:
                 r.notes["itc_region"] = NO_BOX
@@ -396,7 +426,7 @@ class Grounder:
         with self._inference():
             ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
             text_feat = m.text_features(m.encode_text(ids, mask)).float()
-            return (text_feat @ m.image_features(concepts.to(text_feat.dtype)).T).cpu().numpy()
+            return (text_feat @ m.image_features(concepts.to(text_feat.dtype)).T).float().cpu().numpy()
 
     def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
         """The official weakly-supervised grounding map (Grounding.py): Grad-CAM of the ITM positive logit w.r.t. a
@@ -411,6 +441,8 @@ class Grounder:
         m = self._itm_model
         if m is None:
             raise RuntimeError(NO_ITM)
+        if "gradcam" in self.unavailable:
+            raise RuntimeError(self.unavailable["gradcam"])
         (phrase,) = _check_phrases([phrase])
         tcfg = m.cfg.text
         layer = tcfg.fusion_layer + (tcfg.num_hidden_layers - tcfg.fusion_layer) // 2 if layer is None else layer
@@ -560,7 +592,18 @@ def _check_phrases(phrases) -> list[str]:
 def _official_config(config, preset) -> XVLMConfig:
     if (config is None) == (preset is None):
         raise ValueError(f"give exactly one of config= (an official task YAML) or preset= (one of {sorted(PRESETS)})")
-    return from_official_yaml(config) if config is not None else get_preset(preset)
+    cfg = from_official_yaml(config) if config is not None else get_preset(preset)
+    # The official grounding evaluations tokenize with padding='longest' and no truncation (the YAML's max_tokens is
+    # a training and retrieval setting): phrases are cut only where BERT has no position embedding left.
+    return dataclasses.replace(cfg, grounding_truncation="positions")
+
+
+def _model_name(path: Path) -> str:
+    """A Hub snapshot folder is named by its commit; name the model by its repo (models--org--name) instead."""
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return "/".join(parts[-3].split("--")[1:])
+    return path.name
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -347,10 +347,12 @@ class Tokenizer:
         self.mask_id = self.wordpiece.mask_token_id
 
     @classmethod
-    def for_config(cls, vocab: str | Path, cfg, max_tokens: int | None = None) -> "Tokenizer":
-        """The tokenizer a model of this `XVLMConfig` was trained with; `max_tokens` overrides where it truncates."""
-        return cls(vocab, max_tokens=max_tokens or cfg.max_tokens, max_words=cfg.max_words,
-                   punctuation=cfg.punctuation, append_sep=cfg.append_sep)
+    def for_config(cls, vocab: str | Path, cfg) -> "Tokenizer":
+        """The grounding tokenizer of a model of this `XVLMConfig`: its text preprocessing, and phrases cut at its
+        `max_tokens` or, for official checkpoints (`grounding_truncation="positions"`), at the position table."""
+        limit = cfg.text.max_position_embeddings if cfg.grounding_truncation == "positions" else cfg.max_tokens
+        return cls(vocab, max_tokens=limit, max_words=cfg.max_words, punctuation=cfg.punctuation,
+                   append_sep=cfg.append_sep)
 
     @property
     def vocab_size(self) -> int:

@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--json", help="write the report (accuracies, counts, per-record IoU) here")
     a = p.parse_args(argv)
-    a.model, a.scorer_checkpoint = None, None
     try:
         refer = Refer.load(a.refcoco_data, a.dataset, a.split_by)
         records = read_test_records(a.test_file)

@@ -144,9 +144,9 @@ def main(args) -> int:
     from .grounder import Grounder
     if args.checkpoint:
         g = Grounder.from_official(args.checkpoint, config=args.config, preset=args.preset, tokenizer=args.tokenizer,
-                                   device=args.device)
+                                   device=args.device, precision=args.precision)
     else:
-        g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4)
+        g = Grounder.from_pretrained(args.model, device=args.device, cache_entries=4, precision=args.precision)
     if args.re_json:
         report = {"model": g.name, **evaluate_re_json(g, args.re_json, args.image_root, args.k_test or 256)}
         print(json.dumps(report, indent=1))

@@ -1,0 +1,333 @@
+"""ONNX export and an ONNX Runtime `Grounder`.
+
+    python -m xvlm export-onnx --model DIR|org/name --out DIR [--opset 17]
+
+writes three graphs (fp32, dynamic batch and sequence length) beside config.json and vocab.txt:
+    vision.onnx   pixels [B, 3, R, R]                       -> image tokens [B, 1+N, C]         (the vision encoder)
+    text.onnx     input_ids, attention_mask [P, L],
+                  image tokens [1, 1+N, C]                  -> box [P, 4], itm_logits [P, 2],   (text + fusion + heads;
+                                                               text_feat [P, D]                  the outputs the model's
+                                                                                                 heads have)
+    proj.onnx     tokens [M, C]                             -> L2-normalised vision_proj [M, D] (image / patch / concept
+                                                                                                 ITC features)
+and onnx.json (graph names, outputs, opset, and the parity with PyTorch fp32 measured at export).
+
+`Grounder.from_pretrained(DIR, backend="onnxruntime")` returns an `OnnxGrounder`: the same `ground` / `concepts` /
+`concept_scores` API and results, the image encodings cached by pixel hash as in PyTorch (a follow-up query on the
+same image runs only text.onnx; the fusion layers' keys/values of the image are recomputed per query, unlike the
+PyTorch path, since a graph cannot keep them). Grad-CAM needs autograd, which ONNX Runtime's inference sessions do
+not have: `capabilities["gradcam"]` is False and `unavailable["gradcam"]` says why. Parity with PyTorch fp32 on the
+official fixture: tests/test_onnx.py (within 1e-4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import box_ops
+from .grounder import NO_ITC, Grounder, GroundingResult, _check_phrases, _Pixels
+
+MANIFEST = "onnx.json"
+GRAPHS = {"vision": "vision.onnx", "text": "text.onnx", "proj": "proj.onnx"}
+NO_GRADCAM_ONNX = ("Grad-CAM needs autograd (gradients of the ITM logit w.r.t. cross-attention), which ONNX Runtime "
+                   "inference sessions do not compute; use the PyTorch backend for it")
+OPSET = 17
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+class _Vision(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model.encode_image(pixels)
+
+
+class _TextFusionHeads(nn.Module):
+    """Padded phrases attending to one image: the heads' outputs (the same numbers as the packed PyTorch path)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def outputs(self) -> list[str]:
+        heads = self.model.heads
+        return [n for n, h in (("box", "bbox"), ("itm_logits", "itm"), ("text_feat", "itc")) if h in heads]
+
+    def forward(self, input_ids, attention_mask, image_tokens):
+        m = self.model
+        embeds = m.encode_text(input_ids, attention_mask)
+        out = []
+        if "bbox" in m.heads or "itm" in m.heads:
+            fused = m.fuse(embeds, attention_mask, image_tokens.expand(input_ids.shape[0], -1, -1))
+            if "bbox" in m.heads:
+                out.append(m.predict_bbox(fused))
+            if "itm" in m.heads:
+                out.append(m.itm_logits(fused))
+        if "itc" in m.heads:
+            out.append(m.text_features(embeds))
+        return tuple(out)
+
+
+class _Proj(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model.image_features(tokens)
+
+
+def export(model_dir: str | Path, out: str | Path, opset: int = OPSET, overwrite: bool = False) -> dict:
+    """Export the model in `model_dir` (a folder or Hub repo id) to `out`; returns the manifest written."""
+    out = Path(out)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds an ONNX export; pass --overwrite to replace it")
+    g = Grounder.from_pretrained(model_dir, device="cpu")
+    m, cfg = g.model, g.model.cfg
+    R, C = cfg.vision.image_res, cfg.vision.width
+    # wrappers in eval mode: the exporter restores each wrapper's mode afterwards, recursively into the model
+    vision, text, proj = _Vision(m).eval(), _TextFusionHeads(m).eval(), _Proj(m).eval()
+    if not text.outputs():
+        raise ValueError("the model has none of the bbox / itm / itc heads")
+    out.mkdir(parents=True, exist_ok=True)
+    ids = g.tokenizer(["a red circle", "the big blue square on the left"])
+    tokens = torch.randn(1, 1 + cfg.vision.grid_size ** 2, C)
+    common = dict(dynamo=False, opset_version=opset, do_constant_folding=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # tracer warnings on shape arithmetic that is constant for a fixed R
+        torch.onnx.export(vision, (torch.randn(1, 3, R, R),), out / GRAPHS["vision"], input_names=["pixels"],
+                          output_names=["tokens"], dynamic_axes={"pixels": {0: "batch"}, "tokens": {0: "batch"}},
+                          **common)
+        torch.onnx.export(text, (ids.input_ids, ids.attention_mask, tokens), out / GRAPHS["text"],
+                          input_names=["input_ids", "attention_mask", "image_tokens"], output_names=text.outputs(),
+                          dynamic_axes={"input_ids": {0: "phrases", 1: "length"},
+                                        "attention_mask": {0: "phrases", 1: "length"},
+                                        **{o: {0: "phrases"} for o in text.outputs()}}, **common)
+        if "itc" in m.heads:
+            torch.onnx.export(proj, (tokens[0],), out / GRAPHS["proj"], input_names=["tokens"],
+                              output_names=["features"], dynamic_axes={"tokens": {0: "n"}, "features": {0: "n"}},
+                              **common)
+    assert not m.training
+    src = Path(g.tokenizer.vocab_file).parent
+    for name in ("config.json", "vocab.txt"):
+        if (src / name).resolve() != (out / name).resolve():
+            shutil.copyfile(src / name, out / name)
+    manifest = {"format": "xvlm-onnx", "opset": opset, "source": str(model_dir),
+                "graphs": {k: v for k, v in GRAPHS.items() if (out / v).is_file()}, "text_outputs": text.outputs()}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest["parity"] = parity(g, OnnxGrounder.from_folder(out))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def parity(reference: Grounder, other: Grounder, images=None, phrases=None) -> dict[str, float]:
+    """Max |delta| between two grounders' outputs (box, ITC image / region, ITM, patch heatmap)."""
+    rng = np.random.default_rng(0)
+    images = images or [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
+                        rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)]
+    phrases = phrases or ["a red circle", "the big blue square on the left", "something"]
+    d = {"box": 0.0, "itc_image": 0.0, "itc_region": 0.0, "itm": 0.0, "patch_heatmap": 0.0}
+    for image in images:
+        for a, b in zip(reference.ground(image, phrases), other.ground(image, phrases)):
+            if a.box_cxcywh is not None:
+                d["box"] = max(d["box"], float(np.abs(np.subtract(a.box_cxcywh, b.box_cxcywh)).max()))
+            for k in ("itc_image", "itc_region", "itm"):
+                if getattr(a, k) is not None:
+                    d[k] = max(d[k], abs(getattr(a, k) - getattr(b, k)))
+            if a.patch_heatmap is not None:
+                d["patch_heatmap"] = max(d["patch_heatmap"], float(np.abs(a.patch_heatmap - b.patch_heatmap).max()))
+    return d
+
+
+# --- runtime ------------------------------------------------------------------------------------------------------
+class _OrtModel:
+    """The vision graph behind the interface the Grounder's cache calls (`encode_image`, `cfg`, `heads`)."""
+
+    def __init__(self, folder: Path, cfg, threads: int | None):
+        import onnxruntime as ort
+
+        manifest = json.loads((folder / MANIFEST).read_text())
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions = {k: ort.InferenceSession(str(folder / v), opts, providers=["CPUExecutionProvider"])
+                         for k, v in manifest["graphs"].items()}
+        self.text_outputs = manifest["text_outputs"]
+        self.text_inputs = {i.name for i in self.sessions["text"].get_inputs()}
+        self.cfg = cfg
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return self.cfg.heads
+
+    def eval(self):
+        return self
+
+    def to(self, device):
+        if torch.device(device).type != "cpu":
+            raise ValueError("the onnxruntime backend runs on the CPU here (CPUExecutionProvider)")
+        return self
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        (tokens,) = self.sessions["vision"].run(None, {"pixels": pixels.cpu().numpy()})
+        return torch.from_numpy(tokens)
+
+    def text(self, input_ids, attention_mask, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                "image_tokens": tokens.cpu().numpy()}
+        outs = self.sessions["text"].run(None, {k: v for k, v in feed.items() if k in self.text_inputs})
+        return dict(zip(self.text_outputs, outs))
+
+    def image_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        (feats,) = self.sessions["proj"].run(None, {"tokens": tokens.reshape(-1, tokens.shape[-1]).cpu().numpy()})
+        return torch.from_numpy(feats).reshape(*tokens.shape[:-1], -1)
+
+
+class OnnxGrounder(Grounder):
+    """A Grounder whose forward passes run in ONNX Runtime (CPU, fp32); see the module docstring."""
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, threads: int | None = None, **kw) -> "OnnxGrounder":
+        from .checkpoint import CONFIG_NAME
+        from .config import XVLMConfig
+        from .preprocess import Tokenizer
+
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise FileNotFoundError(f"no ONNX export in {folder} ({MANIFEST} missing): run `python -m xvlm "
+                                    f"export-onnx --model MODEL --out {folder}` first")
+        if kw.pop("precision", "fp32") not in (None, "fp32"):
+            raise ValueError("the onnxruntime backend runs the exported fp32 graphs: precision must be 'fp32'")
+        cfg = XVLMConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        tok = Tokenizer(folder, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+        kw.setdefault("device", "cpu")
+        return cls(_OrtModel(folder, cfg, threads), tok, name=kw.pop("name", folder.name), **kw)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        return {"gradcam": NO_GRADCAM_ONNX}
+
+    def compile_vision(self) -> "OnnxGrounder":
+        return self                      # ONNX Runtime optimises the graphs itself when the session starts
+
+    def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
+        raise RuntimeError(NO_GRADCAM_ONNX)
+
+    def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
+        single = isinstance(phrases, str)
+        phrase_list = _check_phrases([phrases] if single else phrases)
+        px = _Pixels.of(image)
+        text = self.tokenizer(phrase_list)
+        size, canvas = px.image.size, self.canvas(px.image.size).xyxy
+        results = [GroundingResult(p, c, size, canvas) for p, c in zip(phrase_list, text.captions)]
+        for r, cut in zip(results, text.truncated):
+            if cut:
+                r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
+        m: _OrtModel = self.model
+        tokens = self._encode(px, m).tokens
+        out = m.text(text.input_ids, text.attention_mask, tokens)
+        boxes = None
+        if "box" in out:
+            boxes = torch.from_numpy(out["box"])
+            pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(boxes.double()).numpy())
+            for r, c, xyxy in zip(results, boxes, pixels):
+                r.box_cxcywh, r.box_xyxy = [float(v) for v in c], [float(v) for v in xyxy]
+        else:
+            for r in results:
+                r.notes["box"] = self._note("box")
+        if "itm_logits" in out:
+            probs = torch.from_numpy(out["itm_logits"]).softmax(dim=-1)[:, 1]
+            for r, p in zip(results, probs):
+                r.itm = float(p)
+        else:
+            for r in results:
+                r.notes["itm"] = self._note("itm")
+        if "text_feat" not in out:
+            for r in results:
+                r.notes["itc"] = NO_ITC
+        else:
+            self._itc_onnx(tokens, torch.from_numpy(out["text_feat"]), boxes, results)
+        with self._lock:
+            self.cache.trim()
+        return results[0] if single else results
+
+    def _note(self, what: str) -> str:
+        from .grounder import NO_BOX, NO_ITM
+
+        return {"box": NO_BOX, "itm": NO_ITM}[what]
+
+    def _itc_onnx(self, tokens, text_feat, boxes, results) -> None:
+        m: _OrtModel = self.model
+        G = self.grid_size
+        feats = m.image_features(tokens[0])                                   # [1+N, D]
+        itc_image = text_feat @ feats[0]
+        heat = (feats[1:] @ text_feat.T).T.reshape(len(results), G, G)
+        for r, s, h in zip(results, itc_image, heat):
+            r.itc_image, r.patch_heatmap = float(s), h.numpy()
+        if boxes is None:
+            for r in results:
+                r.notes["itc_region"] = self._note("box")
+            return
+        concepts, masks = self._pool_concepts(tokens, boxes, fmt="cxcywh")
+        sims = text_feat @ m.image_features(concepts).T
+        for i, r in enumerate(results):
+            r.itc_region = float(sims[i, i])
+            r.itc_objects = [float(v) for v in sims[i]]
+            r.region_mask = masks[i, 1:].reshape(G, G).bool().numpy()
+
+    def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
+        if "itc" not in self.model.heads:
+            raise RuntimeError(NO_ITC)
+        phrase_list = _check_phrases(phrases)
+        concepts = self.concepts(image, boxes)
+        text = self.tokenizer(phrase_list)
+        tokens = self._encode(_Pixels.of(image), self.model).tokens
+        text_feat = torch.from_numpy(self.model.text(text.input_ids, text.attention_mask, tokens)["text_feat"])
+        return (text_feat @ self.model.image_features(concepts).T).numpy()
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xvlm export-onnx",
+                                description="Export a model folder to ONNX graphs for the onnxruntime backend.")
+    p.add_argument("--model", metavar="DIR", help="model folder or Hub repo id (default: the shipped model)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the graphs, config.json, vocab.txt")
+    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+
+    a = parser().parse_args(argv)
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        print(f"error: export-onnx needs onnx and onnxruntime (pip install 'xvlm-grounding[onnx]'): {e}",
+              file=sys.stderr)
+        return 2
+    try:
+        manifest = export(a.model, a.out, opset=a.opset, overwrite=a.overwrite)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    worst = max(manifest["parity"].values())
+    print(f"wrote {a.out}/ ({', '.join(manifest['graphs'].values())}); max |onnxruntime - pytorch| on random inputs: "
+          f"{worst:.2e}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["export", "parity", "OnnxGrounder", "main", "NO_GRADCAM_ONNX"]
