@@ -55,6 +55,9 @@ def test_parity_with_pytorch_fp32(ort, official):
             assert np.abs(np.subtract(a.itc_objects, b.itc_objects)).max() < TOL
             assert np.abs(a.patch_heatmap - b.patch_heatmap).max() < TOL
             assert np.array_equal(a.region_mask, b.region_mask)
+            # the same input and output sides as the torch Grounder: notes (clipping, unknown words) and verdict
+            assert set(a.notes) == set(b.notes) and a.found == b.found
+            assert np.abs(np.subtract(a.box_xyxy_unclipped, b.box_xyxy_unclipped)).max() < TOL * max(a.image_size)
     boxes = [[10, 20, 200, 220], [300, 100, 600, 400]]
     assert np.abs(ort.concept_scores(IMAGES[0], PHRASES, boxes)
                   - official.concept_scores(IMAGES[0], PHRASES, boxes)).max() < TOL

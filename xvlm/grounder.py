@@ -308,8 +308,17 @@ class Grounder:
 
     # --- grounding ----------------------------------------------------------------------------------------------
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
-        single = isinstance(phrases, str)
-        phrase_list = _check_phrases([phrases] if single else phrases)
+        px, text, results = self._prepare(image, phrases)
+        with self._inference():
+            run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
+            boxes, fused = self._boxes(run, results)
+            self._itm(run, fused, results)
+            self._itc(run, boxes, results)
+        return self._finish(results, single=isinstance(phrases, str))
+
+    def _prepare(self, image, phrases: str | list[str]):
+        """The input side of `ground` (any backend): decoded pixels, tokens, and results with the text's notes."""
+        phrase_list = _check_phrases([phrases] if isinstance(phrases, str) else phrases)
         px = self._pixels(image)                     # decoded and hashed once per call
         text = self.tokenizer(phrase_list)
         size, canvas = px.image.size, self.canvas(px.image.size).xyxy
@@ -318,15 +327,26 @@ class Grounder:
             if cut:
                 r.notes["truncated"] = self._truncation_note()
         note_unknown_words(results, self.tokenizer, self.model.cfg.words)     # notes["unknown_words"]
-        with self._inference():
-            run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
-            boxes, fused = self._boxes(run, results)
-            self._itm(run, fused, results)
-            self._itc(run, boxes, results)
+        return px, text, results
+
+    def _finish(self, results: list[GroundingResult], single: bool):
+        """The output side of `ground` (any backend), once boxes and scores are in."""
         analysis.annotate(self, results)             # verdict and evidence agreement, from what was just computed
         with self._lock:
             self.cache.trim()                        # the pass may have added fusion keys/values to an entry
         return results[0] if single else results
+
+    @staticmethod
+    def _set_boxes(results: list[GroundingResult], coords: torch.Tensor) -> None:
+        """The bbox head's normalised (cx, cy, w, h) -> each result's box: raw, in pixels, and clipped to the image."""
+        pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
+        for r, c, xyxy in zip(results, coords.cpu(), pixels):
+            r.box_cxcywh = [float(v) for v in c]
+            r.box_xyxy_unclipped = [float(v) for v in xyxy]
+            r.box_xyxy = box_ops.clip_xyxy(xyxy, r.image_size)
+            if r.box_xyxy != r.box_xyxy_unclipped:
+                r.notes["box_clipped"] = ("the predicted box reached past the image's edges; box_xyxy is clipped to "
+                                          "the image, box_xyxy_unclipped keeps it as predicted")
 
     def _boxes(self, run: "_Pass", results):
         """Boxes from the fused [CLS] over the whole image; also returns that fused output, which the ITM head reads
@@ -338,14 +358,7 @@ class Grounder:
         m = self.model
         fused = run.fused_cls(m)
         coords = m.predict_bbox(fused).float()
-        pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
-        for r, c, xyxy in zip(results, coords.cpu(), pixels):
-            r.box_cxcywh = [float(v) for v in c]
-            r.box_xyxy_unclipped = [float(v) for v in xyxy]
-            r.box_xyxy = box_ops.clip_xyxy(xyxy, r.image_size)
-            if r.box_xyxy != r.box_xyxy_unclipped:
-                r.notes["box_clipped"] = ("the predicted box reached past the image's edges; box_xyxy is clipped to "
-                                          "the image, box_xyxy_unclipped keeps it as predicted")
+        self._set_boxes(results, coords)
         return coords, fused
 
     def _itm(self, run: "_Pass", box_fused, results) -> None:

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import box_ops
-from .grounder import NO_ITC, Grounder, GroundingResult, _check_phrases, _Pixels
+from .grounder import NO_ITC, Grounder, GroundingResult, _check_phrases
 
 MANIFEST = "onnx.json"
 GRAPHS = {"vision": "vision.onnx", "text": "text.onnx", "proj": "proj.onnx"}
@@ -225,24 +224,14 @@ class OnnxGrounder(Grounder):
         raise RuntimeError(NO_GRADCAM_ONNX)
 
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
-        single = isinstance(phrases, str)
-        phrase_list = _check_phrases([phrases] if single else phrases)
-        px = _Pixels.of(image)
-        text = self.tokenizer(phrase_list)
-        size, canvas = px.image.size, self.canvas(px.image.size).xyxy
-        results = [GroundingResult(p, c, size, canvas) for p, c in zip(phrase_list, text.captions)]
-        for r, cut in zip(results, text.truncated):
-            if cut:
-                r.notes["truncated"] = f"phrase truncated to the model's {self.tokenizer.max_tokens} tokens"
+        px, text, results = self._prepare(image, phrases)        # the torch Grounder's input and output sides
         m: _OrtModel = self.model
         tokens = self._encode(px, m).tokens
         out = m.text(text.input_ids, text.attention_mask, tokens)
         boxes = None
         if "box" in out:
             boxes = torch.from_numpy(out["box"])
-            pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(boxes.double()).numpy())
-            for r, c, xyxy in zip(results, boxes, pixels):
-                r.box_cxcywh, r.box_xyxy = [float(v) for v in c], [float(v) for v in xyxy]
+            self._set_boxes(results, boxes)
         else:
             for r in results:
                 r.notes["box"] = self._note("box")
@@ -258,9 +247,7 @@ class OnnxGrounder(Grounder):
                 r.notes["itc"] = NO_ITC
         else:
             self._itc_onnx(tokens, torch.from_numpy(out["text_feat"]), boxes, results)
-        with self._lock:
-            self.cache.trim()
-        return results[0] if single else results
+        return self._finish(results, single=isinstance(phrases, str))
 
     def _note(self, what: str) -> str:
         from .grounder import NO_BOX, NO_ITM
@@ -292,7 +279,7 @@ class OnnxGrounder(Grounder):
         phrase_list = _check_phrases(phrases)
         concepts = self.concepts(image, boxes)
         text = self.tokenizer(phrase_list)
-        tokens = self._encode(_Pixels.of(image), self.model).tokens
+        tokens = self._encode(self._pixels(image), self.model).tokens
         text_feat = torch.from_numpy(self.model.text(text.input_ids, text.attention_mask, tokens)["text_feat"])
         return (text_feat @ self.model.image_features(concepts).T).numpy()
 
