@@ -18,12 +18,12 @@ import numpy as np
 
 from xvlm.grounder import Grounder, note_text
 from xvlm.preprocess import InputError, check_phrase
+from xvlm.retrieval import default_rerank
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MAX_GALLERY = 64          # images per uploaded gallery (each is encoded once per model)
 MAX_K = 20
 DEFAULT_K = 6
-DEFAULT_RERANK = 16       # candidates re-ranked by the ITM logit (the official k_test, clamped to the gallery)
 THUMB_SIDE = 320
 HEADERS = ["rank", "image", "ITM logit", "ITM", "ITC", "box (px)"]
 NO_GALLERY = "No images: upload a few (or tick 'use the example gallery')."
@@ -83,7 +83,7 @@ def _run(g, files, phrase, k, rerank, indexes, lock, use_examples, assets_dir):
     paths = _files(files, use_examples, assets_dir)
     with lock or nullcontext():
         idx = indexes.get(g, paths)
-        hits = g.search(idx, phrase, k=k, rerank=int(rerank if rerank is not None else DEFAULT_RERANK))
+        hits = g.search(idx, phrase, k=k, rerank=None if rerank is None else int(rerank))
     return phrase, idx, hits
 
 
@@ -91,7 +91,7 @@ def _fmt(v, spec=".3f"):
     return "–" if v is None else format(v, spec)
 
 
-def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERANK,
+def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=None,
                    indexes: GalleryIndexes | None = None, lock=None, use_examples: bool = True, assets_dir=ASSETS):
     """-> (gallery items [(RGB array with the box, caption)], table rows, status markdown, hits as [(path, phrase)]).
     Never raises for user errors: they come back as the status message with empty outputs."""
@@ -112,8 +112,11 @@ def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERAN
         box = "–" if h.box_xyxy is None else ", ".join(f"{v:.0f}" for v in h.box_xyxy)
         rows.append([h.rank, Path(h.id).name, _fmt(h.itm_logit), _fmt(h.itm), _fmt(h.itc), box])
     notes = sorted({note_text(k, v) for h in hits for k, v in h.notes.items()})
-    status = (f"**{len(hits)}** of {len(idx)} images for *{phrase}*: ranked by the ITM match logit over the "
-              f"{min(len(idx), int(rerank))} best by ITC (X-VLM's retrieval protocol). Click a hit to open it in the "
+    n_rerank = min(len(idx), default_rerank(g) if rerank is None else int(rerank))
+    ranking = (f"ranked by the ITM match logit over the {n_rerank} best by ITC (X-VLM's retrieval protocol)"
+               if n_rerank else "ranked by ITC (no ITM re-ranking: this model's default, see its card, or the slider "
+               "at 0)")
+    status = (f"**{len(hits)}** of {len(idx)} images for *{phrase}*: {ranking}. Click a hit to open it in the "
               "grounding view." + "".join(f"\n\nnote: {n}" for n in notes))
     skipped = idx.report.skipped + [(a, f"same pixels as {b}") for a, b in idx.report.duplicates]
     if skipped:
@@ -121,7 +124,7 @@ def search_gallery(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERAN
     return items, rows, status, [(h.path, phrase) for h in hits]
 
 
-def search_json(g: Grounder, files, phrase, k=DEFAULT_K, rerank=DEFAULT_RERANK, indexes=None, lock=None,
+def search_json(g: Grounder, files, phrase, k=DEFAULT_K, rerank=None, indexes=None, lock=None,
                 assets_dir=ASSETS) -> dict:
     """The API: hits as JSON (raises InputError with a readable message)."""
     phrase, idx, hits = _run(g, files, phrase, k, rerank, indexes or GalleryIndexes(), lock, True, assets_dir)
@@ -140,6 +143,19 @@ def open_hit(hits, index: int):
         raise InputError("no such hit")
     path, phrase = hits[index]
     return load_image(path), phrase
+
+
+def _default_rerank(registry) -> int:
+    """Where the re-ranking slider starts: the default model's `search_rerank` (the config's default when that model
+    cannot be loaded; the search itself then reports why)."""
+    from xvlm.config import XVLMConfig
+
+    from .models import ModelUnavailable
+
+    try:
+        return default_rerank(registry.get(registry.default))
+    except ModelUnavailable:
+        return XVLMConfig.__dataclass_fields__["search_rerank"].default
 
 
 def build_search_tab(registry, image_in, phrases_in, ground_event: dict, assets_dir=ASSETS,
@@ -170,7 +186,7 @@ def build_search_tab(registry, image_in, phrases_in, ground_event: dict, assets_
     def api_search(files, phrase, k):
         try:
             g = registry.get(registry.default)
-            return search_json(g, files, phrase, k if k is not None else DEFAULT_K, DEFAULT_RERANK, indexes,
+            return search_json(g, files, phrase, k if k is not None else DEFAULT_K, None, indexes,
                                registry.lock(registry.default), assets_dir)
         except (InputError, ModelUnavailable, RuntimeError) as e:
             raise gr.Error(str(e)) from None
@@ -189,7 +205,8 @@ def build_search_tab(registry, image_in, phrases_in, ground_event: dict, assets_
                                     elem_id="search-phrase")
                 with gr.Row():
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="hits")
-                    rerank = gr.Slider(0, 64, value=DEFAULT_RERANK, step=1, label="re-ranked by ITM (k_test)")
+                    rerank = gr.Slider(0, 64, value=_default_rerank(registry), step=1,
+                                       label="re-ranked by ITM (k_test; default: the model's)")
                 search_btn = gr.Button("Search", variant="primary", elem_id="search-btn")
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="search-status")

@@ -2,6 +2,7 @@
 ITM-logit re-ranked score matrices, recall), and search over a persisted gallery index with a grounded box per hit."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from xvlm import index as gindex
 from xvlm.retrieval import NOT_RERANKED, pad_max_length
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
 F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
 R = json.loads((F / "retrieval.json").read_text())
 IMAGES = [F / im["file"] for im in R["images"]]
@@ -135,6 +137,25 @@ def test_search_clamps_rerank_and_k_to_the_gallery(g, built):
     hits = g.search(built, TEXTS[3], k=50, rerank=100, ground=False)
     assert len(hits) == len(IMAGES) and all(h.itm_logit is not None for h in hits)
     assert hits[0].grounding is None
+
+
+def test_search_re_ranks_as_many_as_the_model_config_says_when_not_told(g, built, monkeypatch):
+    """No `rerank`: the model's search_rerank (16, the protocol's k_test, clamped; a model whose card shows its ITM
+    ranks worse than ITC, as the shipped one, sets 0: ITC order, no ITM logit)."""
+    hits = g.search(built, TEXTS[5], k=7, ground=False)
+    assert g.model.cfg.search_rerank == 16 and all(h.itm_logit is not None for h in hits)
+    monkeypatch.setattr(g.model, "cfg", dataclasses.replace(g.model.cfg, search_rerank=0))
+    hits = g.search(built, TEXTS[5], k=7, ground=False)
+    assert all(h.itm_logit is None for h in hits)
+    itc = np.asarray(R["itc_sims_image_x_text"])[:, 5]
+    assert [h.id for h in hits] == [IMAGES[i].name for i in np.argsort(-itc, kind="stable")]
+    assert [h.itm_logit for h in g.search_texts(IMAGES[0], TEXTS[:4])] == [None] * 4
+
+
+def test_the_shipped_model_searches_by_itc_unless_told():
+    from xvlm.config import XVLMConfig
+    cfg = XVLMConfig.from_dict(json.loads((ROOT / "weights" / "xvlm-shapes" / "config.json").read_text()))
+    assert cfg.search_rerank == 0
 
 
 def test_search_texts_ranks_like_the_official_i2t_row(g):

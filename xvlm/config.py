@@ -107,6 +107,10 @@ class XVLMConfig:
     # None; found when found_score >= found_threshold. None: not calibrated (ITM >= 0.5, and the verdict says so).
     found_threshold: float | None = None
     found_score_weights: tuple[float, float, float] | None = None
+    # How many ITC candidates `search` re-ranks by the ITM logit when the caller does not say: 16, the official
+    # protocol (k_test, clamped to the gallery), unless a model's card shows its ITM head ranks worse than its ITC
+    # (the shipped shapes model: 0, ITC only; weights/README.md, "Retrieval with X-VLM's protocol").
+    search_rerank: int = 16
 
     def __post_init__(self):
         if self.punctuation not in PUNCTUATION_MODES:

@@ -536,12 +536,12 @@ class Grounder:
         from . import index as gallery_index
         return gallery_index.index_images(self, images, index=index, **kw)
 
-    def search(self, index, phrase: str, k: int = 10, rerank: int = 16, ground: bool = True):
+    def search(self, index, phrase: str, k: int = 10, rerank: int | None = None, ground: bool = True):
         """The gallery images `phrase` describes, best first, each with its ITC, ITM logit / probability and box."""
         from . import index as gallery_index, retrieval
         return retrieval.search(self, gallery_index.as_index(index), phrase, k=k, rerank=rerank, ground=ground)
 
-    def search_texts(self, image, texts: list[str], k: int | None = None, rerank: int = 16):
+    def search_texts(self, image, texts: list[str], k: int | None = None, rerank: int | None = None):
         """Image -> text: `texts` ranked for `image` (ITC, then the top `rerank` by the ITM logit)."""
         from . import retrieval
         return retrieval.search_texts(self, image, texts, k=k, rerank=rerank)

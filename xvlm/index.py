@@ -40,14 +40,21 @@ class IndexError_(InputError):
 
 
 # --- model identity -----------------------------------------------------------------------------------------------
+# XVLMConfig fields that change image or text features (what the fingerprint covers)
+FEATURE_CONFIG_KEYS = ("vision", "text", "embed_dim", "max_words", "max_tokens", "punctuation", "append_sep")
+
+
 def model_identity(g) -> dict:
-    """Name and fingerprint of the ITC model: sha256 of its config and of the tensors that place images and texts in
-    the shared space (both projections, the patch embedding). Vectors from another model are not comparable."""
+    """Name and fingerprint of the ITC model: sha256 of the config fields that shape its features (the encoders and the
+    text preprocessing, not settings such as a calibrated threshold or the search default) and of the tensors that
+    place images and texts in the shared space (both projections, the patch embedding). Vectors from another model
+    are not comparable."""
     m = g._itc_model
     if m is None:
         from .grounder import NO_ITC
         raise RuntimeError(f"an index needs ITC features: {NO_ITC}")
-    h = hashlib.sha256(json.dumps(m.cfg.to_dict(), sort_keys=True).encode())
+    cfg = m.cfg.to_dict()
+    h = hashlib.sha256(json.dumps({k: cfg[k] for k in FEATURE_CONFIG_KEYS}, sort_keys=True).encode())
     state = m.state_dict()
     patch = next(k for k in state if k.startswith("vision_encoder.") and state[k].dim() >= 2)
     for k in ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", patch):

@@ -250,11 +250,13 @@ def _order(itc: np.ndarray, reranked: dict[int, float]) -> list[int]:
     return first + rest
 
 
-def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, rerank: int = 16,
+def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, rerank: int | None = None,
            ground: bool = True) -> list[Hit]:
-    """The top-k gallery images for `phrase`: ITC over the index (FAISS), the top `rerank` (clamped to the gallery)
-    re-encoded from their files and ranked by the ITM logit, then each returned hit grounded."""
+    """The top-k gallery images for `phrase`: ITC over the index (FAISS), the top `rerank` (clamped to the gallery;
+    None: the model's `search_rerank`) re-encoded from their files and ranked by the ITM logit, then each returned
+    hit grounded."""
     (phrase,) = _check_phrases([phrase])
+    rerank = default_rerank(g) if rerank is None else rerank
     itc_m, itm_m = _retrieval_models(g)
     index.check_model(g)
     if len(index) == 0:
@@ -291,8 +293,16 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
     return hits
 
 
-def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None, rerank: int = 16) -> list[TextHit]:
-    """Image -> text: rank `texts` for one image, ITC first, the top `rerank` re-scored by the ITM logit."""
+def default_rerank(g: "Grounder") -> int:
+    """The ITC candidates a search re-ranks by ITM when not told: the model's `search_rerank` (16: the protocol)."""
+    return g.model.cfg.search_rerank
+
+
+def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None,
+                 rerank: int | None = None) -> list[TextHit]:
+    """Image -> text: rank `texts` for one image, ITC first, the top `rerank` (None: the model's `search_rerank`)
+    re-scored by the ITM logit."""
+    rerank = default_rerank(g) if rerank is None else rerank
     itc_m, itm_m = _retrieval_models(g)
     px = g._pixels(image)
     text = encode_texts(g, texts, itc_m)

@@ -112,8 +112,9 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index folder built by `python -m xvlm index`")
     p.add_argument("phrase", help="what to look for, e.g. 'a red circle left of a square'")
     p.add_argument("--k", type=int, default=10, help="hits to return (default 10)")
-    p.add_argument("--rerank", type=int, default=16,
-                   help="ITC candidates re-ranked by the ITM logit (the official k_test; clamped to the gallery)")
+    p.add_argument("--rerank", type=int, default=None,
+                   help="ITC candidates re-ranked by the ITM logit (the official k_test; clamped to the gallery); "
+                        "default: the model's search_rerank (16; the shipped shapes model 0, see its card)")
     p.add_argument("--json", action="store_true", help="one JSON object per hit and line")
     p.add_argument("--out", metavar="FIGURE", help="save a contact sheet of the hits with their boxes (.png, .pdf)")
     _model_args(p)
@@ -133,7 +134,7 @@ def search_main(argv: list[str]) -> int:
 
     a = search_parser().parse_args(argv)
     try:
-        if a.k < 1 or a.rerank < 0:
+        if a.k < 1 or (a.rerank is not None and a.rerank < 0):
             raise UsageError("--k must be >= 1 and --rerank >= 0")
         if a.out is not None:
             from matplotlib.backend_bases import FigureCanvasBase
