@@ -341,8 +341,8 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
         if "box_clipped" in r.notes:
             notes.append(f"Phrase {i + 1}: the predicted box reached past the image's edges; it is drawn and "
                          "exported clipped to the image (`box_xyxy`; the JSON keeps `box_xyxy_unclipped`).")
-        if unknown_word_warning(i, r):
-            notes.append(unknown_word_warning(i, r))
+        if warning := unknown_word_warning(i, r):
+            notes.append(warning)
     if conversion:
         notes.append(conversion_message(conversion))
     notes += [v for k, v in missing.items()]
