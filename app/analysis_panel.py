@@ -8,6 +8,7 @@ import gradio as gr
 from . import analysis_view as av
 from . import callbacks as cb
 from .models import ModelUnavailable
+from .zerogpu import gpu
 
 HOW_TO_READ = """
 **Found / not found.** The verdict column says whether the phrase's object is in the image at all. Its score starts
@@ -37,6 +38,7 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
         own = own if isinstance(own, str) and own.strip() else (phrases or "").strip().split("\n")[0]
         return own
 
+    @gpu   # ZeroGPU: model work holds the GPU only inside these calls (app/zerogpu.py; a no-op without `spaces`)
     def counterfactual(model_name, image, phrase, phrases, progress=gr.Progress()):
         try:
             progress(0, desc="loading the model")
@@ -47,6 +49,7 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
         v = av.counterfactual_view(g, image, first_phrase(phrase, phrases), lock)
         return v.image, v.table, v.message
 
+    @gpu
     def region(model_name, image, box, candidates, progress=gr.Progress()):
         try:
             progress(0, desc="loading the model")
@@ -70,6 +73,7 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
         x, y = evt.index[:2]
         return av.click_corner(box, x * sx, y * sy)
 
+    @gpu
     def show_word_maps(model_name, image, phrase, phrases, layer_value, alpha_value, progress=gr.Progress()):
         try:
             progress(0, desc="loading the model")
@@ -90,6 +94,7 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
         return gr.update(value=maps[names.index(word)], label=f"Grad-CAM of “{word}”")
 
     def api(fn):
+        @gpu
         def call(*args):
             try:
                 g, lock = grounder(registry.default)

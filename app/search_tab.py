@@ -20,6 +20,8 @@ from xvlm.grounder import Grounder, note_text
 from xvlm.preprocess import InputError, check_phrase
 from xvlm.retrieval import default_rerank
 
+from .zerogpu import gpu
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MAX_GALLERY = 64          # images per uploaded gallery (each is encoded once per model)
 MAX_K = 20
@@ -169,6 +171,7 @@ def build_search_tab(registry, image_in, phrases_in, ground_event: dict, assets_
     indexes = GalleryIndexes(workdir)
     model_dd = ground_event["inputs"][0]
 
+    @gpu   # ZeroGPU: the search encodes and grounds inside this call (app/zerogpu.py; a no-op without `spaces`)
     def do_search(model_name, files, use_examples, phrase, k, rerank):
         try:
             g = registry.get(model_name)
@@ -183,6 +186,7 @@ def build_search_tab(registry, image_in, phrases_in, ground_event: dict, assets_
         except InputError as e:
             raise gr.Error(str(e)) from None
 
+    @gpu
     def api_search(files, phrase, k):
         try:
             g = registry.get(registry.default)

@@ -136,6 +136,11 @@ def test_gpu_work_runs_under_spaces_gpu_when_importable(monkeypatch):
     calls.clear()
     out = api.fn(str(IMAGE), "a red circle")
     assert calls == [("api_ground", zerogpu.DURATION_S)] and out["results"][0]["phrase"] == "a red circle"
+    # every named endpoint (grounding, search, analysis) does its model work under spaces.GPU
+    model_work = {"ground", "search", "counterfactuals", "describe_region", "word_maps"}
+    named = {f.api_name: f.fn for f in demo.fns.values() if f.api_name in model_work}
+    assert set(named) == model_work
+    assert [n for n, fn in named.items() if not hasattr(fn, "__wrapped__")] == []
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert zerogpu.on_zerogpu()
 
