@@ -2,17 +2,21 @@
 
     python scripts/regenerate.py [--model weights/xvlm-shapes] [--dry-run] [--skip-evals]
 
-1. the in-distribution eval: `python -m xvlm eval --model M --probe --json weights/eval.json`;
-2. the cross-renderer eval: `python -m xvlm eval --model M --cross-renderer 300 --cross-only
+1. the not-found calibration: `python -m xvlm calibrate --model M --write` (threshold and score weights into the
+   model's config.json; first, since the evals report the verdict at the stored threshold);
+2. the in-distribution eval: `python -m xvlm eval --model M --probe --json weights/eval.json`, which also writes the
+   reference boxes and scores the shipped model's test compares against (weights/eval_reference.json);
+3. the cross-renderer eval: `python -m xvlm eval --model M --cross-renderer 300 --cross-only
    --json weights/eval-cross-renderer.json` (both files are what the app quotes as the model's measured accuracy);
-3. the demo's examples: `python scripts/make_assets.py` (drawn by a fixed rule, independent of the model, but
+4. the retrieval eval with X-VLM's protocol: `python -m xvlm eval --model M --retrieval --scenes 100 --k-test 16
+   --json weights/eval_retrieval.json`;
+5. the demo's examples: `python scripts/make_assets.py` (drawn by a fixed rule, independent of the model, but
    regenerated so a renderer change cannot leave stale files);
-4. the model card's generated blocks: the text between `<!-- begin generated: NAME -->` and `<!-- end generated:
+6. the model card's generated blocks: the text between `<!-- begin generated: NAME -->` and `<!-- end generated:
    NAME -->` in weights/README.md, from those files (NAME `cross-renderer`: the cross-renderer table;
    `in-distribution`: the one-line summary of the in-distribution eval).
 Evals take minutes on a CPU (about 7 for the cross-renderer eval of the shipped model on one thread of a busy
-2-core machine). Not yet covered: reference boxes and calibration values, which other work adds to the eval; add
-their commands to COMMANDS when they land.
+2-core machine). The card's prose that quotes other numbers (its history sections) is written by hand, dated.
 """
 from __future__ import annotations
 
@@ -30,14 +34,18 @@ from xvlm.crossrender import format_cross_report  # noqa: E402
 CARD = ROOT / "weights" / "README.md"
 EVAL_JSON = ROOT / "weights" / "eval.json"
 CROSS_JSON = ROOT / "weights" / "eval-cross-renderer.json"
+RETRIEVAL_JSON = ROOT / "weights" / "eval_retrieval.json"
 CROSS_SCENES = 300
 
 
 def commands(model: str) -> list[list[str]]:
     py = sys.executable
-    return [[py, "-m", "xvlm", "eval", "--model", model, "--probe", "--json", str(EVAL_JSON)],
+    return [[py, "-m", "xvlm", "calibrate", "--model", model, "--write"],
+            [py, "-m", "xvlm", "eval", "--model", model, "--probe", "--json", str(EVAL_JSON)],
             [py, "-m", "xvlm", "eval", "--model", model, "--cross-renderer", str(CROSS_SCENES), "--cross-only",
              "--json", str(CROSS_JSON)],
+            [py, "-m", "xvlm", "eval", "--model", model, "--retrieval", "--scenes", "100", "--k-test", "16",
+             "--json", str(RETRIEVAL_JSON)],
             [py, str(ROOT / "scripts" / "make_assets.py")]]
 
 
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-evals", action="store_true", help="only redo the examples and the card's blocks")
     args = p.parse_args(argv)
     for cmd in commands(args.model):
-        if args.skip_evals and "eval" in cmd:
+        if args.skip_evals and ("eval" in cmd or "calibrate" in cmd):
             continue
         print("$", " ".join(cmd), flush=True)
         if not args.dry_run:

@@ -23,7 +23,9 @@ def test_the_card_blocks_are_the_shipped_reports():
     blocks = script.generated_blocks(json.loads(script.EVAL_JSON.read_text()), json.loads(script.CROSS_JSON.read_text()))
     card = script.CARD.read_text()
     assert script.update_card(card, blocks) == card
-    assert "0.832" in blocks["cross-renderer"] and "shape only" in blocks["cross-renderer"]
+    cross = json.loads(script.CROSS_JSON.read_text())["cross_renderer"]
+    assert f"{cross['grounding']['all']['acc@0.5']:.3f}" in blocks["cross-renderer"]
+    assert "shape only" in blocks["cross-renderer"]
 
 
 def test_update_card_replaces_only_the_named_blocks():
@@ -41,3 +43,6 @@ def test_dry_run_lists_the_commands(capsys):
     assert script.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "--probe --json" in out and "--cross-renderer 300 --cross-only" in out and "make_assets.py" in out
+    lines = [line for line in out.splitlines() if line.startswith("$")]
+    assert "calibrate" in lines[0] and "--write" in lines[0], "calibration comes first: the evals report its verdict"
+    assert any("--retrieval" in line and "eval_retrieval.json" in line for line in lines)
