@@ -4,7 +4,7 @@
     python scripts/time_recipe.py --recipe shapes-varied --reference shapes --data-only   # the data side alone
 
 Runs `--steps` steps of every stage (fresh weights: the arithmetic of a step does not depend on them) through
-`xvlm.train.train` in a temporary folder and reads the step times from its log, skipping each stage's first three
+`xvlm.training.train` in a temporary folder and reads the step times from its log, skipping each stage's first three
 steps (the stage-2 cross-attention alignment, allocator warm-up). With `--reference`, the reference recipe is timed
 the same way right after, and the estimate is also given on the card's reference machine: its stage-2 step took
 REFERENCE_STAGE2_S seconds there (runs/v10, weights/README.md), so a shared or slower machine's factor cancels out.
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # run as a script from anywhere
 import torch  # noqa: E402
 
-from xvlm.train import RECIPES, train  # noqa: E402
+from xvlm.training import RECIPES, model_config, train  # noqa: E402
 
 REFERENCE_STAGE2_S = 0.625     # "shapes" stage 2, s/step, quiet 2-core CPU (runs/v10; weights/README.md)
 
@@ -48,15 +48,17 @@ def time_data(recipe_names: list[str], reps: int = 4) -> dict[str, float]:
     import random
     import statistics
 
-    from xvlm.train import SyntheticSource, collate, make_tokenizer
+    from xvlm.training.collate import collate
+    from xvlm.training.sources import SyntheticSource, make_tokenizer
 
     times: dict[str, list[float]] = {name: [] for name in recipe_names}
     with tempfile.TemporaryDirectory() as d:
-        tok = make_tokenizer(Path(d), RECIPES[recipe_names[0]].model, None)
+        tok = make_tokenizer(Path(d), model_config(RECIPES[recipe_names[0]]), None)
         for rep in range(reps):
             for name in recipe_names:
                 r = RECIPES[name]
-                cfg = dataclasses.replace(r.model, text=dataclasses.replace(r.model.text, vocab_size=tok.vocab_size))
+                base = model_config(r)
+                cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=tok.vocab_size))
                 t0 = time.perf_counter()
                 collate(SyntheticSource(0, r.corpus).batch(100 + rep, 0, r.batch_images), tok, cfg, r.stages[1],
                         random.Random(rep))
@@ -67,8 +69,9 @@ def time_data(recipe_names: list[str], reps: int = 4) -> dict[str, float]:
 def report(recipe_name: str, per_step: dict[str, float], scale: float | None) -> float:
     recipe = RECIPES[recipe_name]
     total = 0.0
-    print(f"recipe {recipe_name} (corpus {recipe.corpus!r}, {recipe.model.vision.image_res} px, "
-          f"{recipe.model.vision.grid_size}x{recipe.model.vision.grid_size} grid, {recipe.batch_images} images/step)")
+    vision = model_config(recipe).vision
+    print(f"recipe {recipe_name} (corpus {recipe.corpus!r}, {vision.image_res} px, "
+          f"{vision.grid_size}x{vision.grid_size} grid, {recipe.batch_images} images/step)")
     print(f"  {'stage':<18}{'s/step here':>12}{'steps':>8}{'min here':>10}" + (f"{'min ref.':>10}" if scale else ""))
     for stage in recipe.stages:
         minutes = per_step[stage.name] * stage.steps / 60
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         data = time_data(names)
         for name in names:
             print(f"{name}: {data[name]:.3f} s to draw and collate a stage-2 batch ({RECIPES[name].batch_images} "
-                  f"scenes, corpus {RECIPES[name].corpus!r}, {RECIPES[name].model.vision.image_res} px)")
+                  f"scenes, corpus {RECIPES[name].corpus!r}, {model_config(RECIPES[name]).vision.image_res} px)")
         if args.reference:
             print(f"ratio {data[args.recipe] / data[args.reference]:.2f}")
         return 0

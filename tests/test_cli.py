@@ -184,8 +184,9 @@ def test_command_dispatch(capsys, monkeypatch):
 
 
 def test_ground_does_not_import_the_lazy_commands(capsys, monkeypatch):
-    for module in ("xvlm.train", "xvlm.evaluate", "xvlm.bench"):
+    lazy = ("xvlm.train", "xvlm.training", "xvlm.training.cli", "xvlm.evaluate", "xvlm.bench")
+    for module in lazy:
         monkeypatch.delitem(sys.modules, module, raising=False)
     code, _, err = run_main(capsys, "ground", str(IMAGE), "circle", *MODEL, "--json")
     assert code == 0, err
-    assert not {"xvlm.train", "xvlm.evaluate", "xvlm.bench"} & set(sys.modules)
+    assert not set(lazy) & set(sys.modules)

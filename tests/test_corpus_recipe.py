@@ -6,13 +6,15 @@ import json
 
 from xvlm import Grounder
 from xvlm.data import VOCAB_WORDS
-from xvlm.train import RECIPES, SyntheticSource, train, with_stage_steps
+from xvlm.training.loop import train
+from xvlm.training.recipes import RECIPES, model_config, with_stage_steps
+from xvlm.training.sources import SyntheticSource
 
 
 def test_the_varied_recipe_is_the_default_recipe_on_the_varied_corpus_and_a_16x16_grid():
     r, base = RECIPES["shapes-varied"], RECIPES["shapes"]
     assert r.corpus == "varied" and base.corpus == "train"
-    assert r.model.vision.grid_size == 16 and base.model.vision.grid_size == 12
+    assert model_config(r).vision.grid_size == 16 and model_config(base).vision.grid_size == 12
     assert [s.name for s in r.stages] == [s.name for s in base.stages]
     assert r.stages[1].steps > 1.5 * base.stages[1].steps
     cycle = RECIPES["shapes-varied-cycle"]        # for --init weights/xvlm-shapes --start-stage grounding
@@ -43,7 +45,7 @@ def test_a_tiny_run_on_the_varied_corpus_trains_every_stage_and_records_its_word
 
 def test_stage_steps_from_the_command_line():
     import pytest
-    from xvlm.train import parse_stage_steps
+    from xvlm.training.cli import parse_stage_steps
 
     recipe = RECIPES["shapes-varied"]
     steps = parse_stage_steps(["grounding=9000", "grounding-fusion=400"], recipe)
@@ -52,6 +54,6 @@ def test_stage_steps_from_the_command_line():
         with pytest.raises(ValueError, match="--stage-steps"):
             parse_stage_steps(bad, recipe)
     with pytest.raises(SystemExit) as e:
-        from xvlm.train import main
+        from xvlm.training.cli import main
         main(["--recipe", "shapes-varied", "--out", "unused", "--stage-steps", "stage2=10"])
     assert e.value.code == 2

@@ -137,17 +137,20 @@ def test_overlay_draws_only_the_cells_over_the_image():
 
 
 def test_collate_puts_box_targets_on_the_canvas():
-    from xvlm.train import RECIPES, SyntheticSource, collate
+    from xvlm.training.collate import collate
+    from xvlm.training.recipes import RECIPES, model_config
+    from xvlm.training.sources import SyntheticSource
 
     recipe = RECIPES["shapes-tiny"]
-    cfg = dataclasses.replace(recipe.model, vision=dataclasses.replace(recipe.model.vision, resize="letterbox"))
+    base = model_config(recipe)
+    cfg = dataclasses.replace(base, vision=dataclasses.replace(base.vision, resize="letterbox"))
     tok = Tokenizer(ROOT / "weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
     samples = SyntheticSource(0).batch(5, 0, 4)
     assert any(s.image.size[0] != s.image.size[1] for s in samples)
     batch = collate(samples, tok, cfg, recipe.stages[0], random.Random(0))
     res = cfg.vision.image_res
     expected = {(i, tuple(np.round(Canvas.of(s.image.size, res, "letterbox").normalise(p.box).clip(0, 1), 4)))
-                for i, s in enumerate(samples) for p in s.phrases}
+                for i, s in enumerate(samples) for p in s.concepts}
     phrases = ~batch["is_image"]
     boxes = cxcywh_to_xyxy(batch["boxes"][phrases].double()).numpy()
     got = {(int(i), tuple(np.round(b, 4))) for i, b in zip(batch["group"][phrases], boxes)}

@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from xvlm import Grounder
 from xvlm.losses import bbox_loss, contrastive_loss, mask_tokens, sample_hard_negatives
 from xvlm.models import XVLM
-from xvlm.train import RECIPES, collate, make_optimizer, scaled, second_cycle, set_trainable, train
+from xvlm.training.collate import collate
+from xvlm.training.loop import make_optimizer, set_trainable, train
+from xvlm.training.recipes import RECIPES, model_config, scaled, second_cycle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,11 +70,13 @@ def test_align_probe_batch_is_the_same_in_every_process():
     from `hash()` of a str, which made fresh runs differ from each other)."""
     script = textwrap.dedent("""
         import hashlib
-        from xvlm.train import RECIPES, SyntheticSource, align_probe_batch
+        from xvlm.training.collate import align_probe_batch
+        from xvlm.training.recipes import RECIPES, model_config
+        from xvlm.training.sources import SyntheticSource
         from xvlm.preprocess import Tokenizer
         recipe = RECIPES["shapes-tiny"]
         tok = Tokenizer("weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
-        batch = align_probe_batch(SyntheticSource(recipe.seed), recipe, 1, 0, tok, recipe.model)
+        batch = align_probe_batch(SyntheticSource(recipe.seed), recipe, 1, 0, tok, model_config(recipe))
         print(hashlib.sha1(batch["input_ids"].numpy().tobytes() + batch["images"].numpy().tobytes()).hexdigest())
     """)
     digests = []
@@ -88,10 +92,11 @@ def test_batches_built_ahead_in_a_worker_are_the_batches_of_the_training_loop():
     """The loader worker changes when a batch is built, never what it holds: same tensors, same order, each step
     with its own stage's phrase kinds (the stream starts inside stage 1 and crosses into stage 2)."""
     from xvlm.preprocess import Tokenizer
-    from xvlm.train import StepBatches, SyntheticSource, step_batches
+    from xvlm.training.collate import StepBatches, step_batches
+    from xvlm.training.sources import SyntheticSource
     recipe = RECIPES["shapes-tiny"]
     tok = Tokenizer(ROOT / "weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
-    dataset = StepBatches(SyntheticSource(recipe.seed), recipe, 0, tok, recipe.model)
+    dataset = StepBatches(SyntheticSource(recipe.seed), recipe, 0, tok, model_config(recipe))
     start = recipe.stages[0].steps - 1
     inline = list(step_batches(dataset, start, workers=0))
     ahead = list(step_batches(dataset, start, workers=1))
@@ -110,6 +115,57 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     _run_tiny(part)
     a, b = load_file(full / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def _checkpoints_of_a_tiny_run(out: Path, monkeypatch) -> dict[int, Path]:
+    """A shapes-tiny run with checkpoint.pt written after every step, each copy kept: {step: path}."""
+    from xvlm.training import loop
+    saved, save = {}, loop.save_training_state
+
+    def save_and_keep(path, model, optimizer, step):
+        save(path, model, optimizer, step)
+        saved[step] = path.parent / f"checkpoint-{step}.pt"
+        shutil.copy(path, saved[step])
+    monkeypatch.setattr(loop, "save_training_state", save_and_keep)
+    _run_tiny(out, ckpt_every=1)
+    monkeypatch.undo()
+    return saved
+
+
+def test_a_run_resumed_at_any_step_equals_the_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
+    """Inside a stage (its optimizer state restored), right after the cross-attention alignment, at a stage's end:
+    the batches, the per-step seeds and the arithmetic of the steps after a restart are the uninterrupted run's."""
+    saved = _checkpoints_of_a_tiny_run(tmp_path / "full", monkeypatch)
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert sorted(saved) == list(range(1, 8))
+    for step in (2, 4, 5):          # stage 1 of 3 steps; stage 2 (aligned at step 3) of 2
+        part = tmp_path / f"from-{step}"
+        part.mkdir()
+        shutil.copy(saved[step], part / "checkpoint.pt")
+        _run_tiny(part)
+        resumed = load_file(part / "final" / "model.safetensors")
+        assert all(torch.equal(full[k], resumed[k]) for k in full), step
+        log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in log] == list(range(step + 1, 8))
+        assert [{k: v for k, v in row.items() if k != "elapsed_s"} for row in log] == [
+            {k: v for k, v in row.items() if k != "elapsed_s"} for row in full_log[step:]]
+
+
+def test_checkpoints_keep_the_layout_that_runs_in_progress_wrote(tmp_path, monkeypatch):
+    """checkpoint.pt as the training code before the xvlm.training split wrote it (the fixture: names and shapes of
+    the model state, AdamW's groups and per-parameter state, the step): a run started then resumes now."""
+    fixture = json.loads((ROOT / "tests/fixtures/training-checkpoint-layout.json").read_text())
+    saved = _checkpoints_of_a_tiny_run(tmp_path, monkeypatch)
+    for old in fixture["checkpoints"]:
+        ckpt = torch.load(saved[old["step"]], weights_only=True)
+        assert sorted(ckpt) == old["keys"] and ckpt["step"] == old["step"]
+        assert {k: list(v.shape) for k, v in ckpt["model"].items()} == fixture["model"]
+        groups = ckpt["optimizer"]["param_groups"]
+        assert [{"weight_decay": g["weight_decay"], "lr": g["lr"], "params": g["params"]} for g in groups] == \
+            old["param_groups"]
+        state = ckpt["optimizer"]["state"]
+        assert [[sorted(s), list(s["exp_avg"].shape)] for _, s in sorted(state.items())] == old["state"]
 
 
 def test_starting_at_a_stage_from_exported_weights_equals_the_full_run(tmp_path):
@@ -168,12 +224,14 @@ def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients
     from xvlm import losses
     from xvlm.models import XVLM
     from xvlm.preprocess import Tokenizer
-    from xvlm.train import Pretrainer, SyntheticSource
+    from xvlm.training.objective import Pretrainer
+    from xvlm.training.sources import SyntheticSource
     recipe = RECIPES["shapes-tiny"]
     stage = dataclasses.replace(recipe.stages[2], loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1, "attn": 1,
                                                                 "itm_image": 1})
     tok = Tokenizer(ROOT / "weights/xvlm-shapes/vocab.txt", max_tokens=24, max_words=30)
-    cfg = dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=tok.vocab_size))
+    base = model_config(recipe)
+    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=tok.vocab_size))
     torch.manual_seed(0)
     model = XVLM(cfg)
     objective = Pretrainer(model, tok, 0.25)
@@ -210,7 +268,8 @@ def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients
 
 def test_optimizer_decays_weight_matrices_only_and_skips_frozen_parameters():
     recipe = RECIPES["shapes-tiny"]
-    model = XVLM(dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=50)))
+    base = model_config(recipe)
+    model = XVLM(dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=50)))
     params = dict(model.named_parameters())   # biases, norms, temp: <= 1-D; BERT's embeddings: by name
     names = {id(p): n for n, p in params.items()}
     for stage in recipe.stages:
@@ -323,7 +382,10 @@ def test_collate_marks_texts_that_describe_another_images_object(tmp_path):
 
     from xvlm.data import Sample
     from xvlm.data.synthetic import Desc, Phrase, RefSpec, SceneObject
-    from xvlm.train import Stage, make_tokenizer, text_id
+    from xvlm.data import training_sample
+    from xvlm.training.collate import text_id
+    from xvlm.training.recipes import Stage
+    from xvlm.training.sources import make_tokenizer
     red_circle = SceneObject("circle", "red", "small", (0, 0, 10, 10))
     blue_square = SceneObject("square", "blue", "large", (20, 20, 40, 40))
     a = Sample(Image.new("RGB", (64, 64)), None, [Phrase("red circle", (0, 0, 10, 10), "object", (0,))], [red_circle])
@@ -333,7 +395,9 @@ def test_collate_marks_texts_that_describe_another_images_object(tmp_path):
         Phrase("a red circle and a blue square", (0, 0, 40, 40), "region", (0, 1))], [red_circle, blue_square])
     recipe = RECIPES["shapes-tiny"]
     stage = Stage("t", 1, 1e-3, {"itm": 1}, ("object", "region", "attribute"), phrases_per_image=4)
-    batch = collate([a, b], make_tokenizer(tmp_path, recipe.model, None), recipe.model, stage, random.Random(0))
+    cfg = model_config(recipe)
+    batch = collate([training_sample(a), training_sample(b)], make_tokenizer(tmp_path, cfg, None), cfg, stage,
+                    random.Random(0))
     row = {int(i): k for k, i in enumerate(batch["idx"])}
     red_a, red_b = row[text_id("red circle")], row[text_id("the red circle")]
     blue, region = row[text_id("the blue square")], row[text_id("a red circle and a blue square")]
@@ -357,7 +421,11 @@ def test_box_targets_that_name_one_object(tmp_path):
     from xvlm.data.synthetic import Desc, Phrase, RefSpec, SceneObject
     from xvlm.losses import bbox_loss
     from xvlm.models import XVLM
-    from xvlm.train import Pretrainer, Stage, make_tokenizer, text_id
+    from xvlm.data import training_sample
+    from xvlm.training.collate import text_id
+    from xvlm.training.objective import Pretrainer
+    from xvlm.training.recipes import Stage
+    from xvlm.training.sources import make_tokenizer
     objects = [SceneObject("circle", "red", "small", (0, 0, 10, 10)),
                SceneObject("circle", "red", "large", (30, 0, 60, 30)),
                SceneObject("square", "blue", "large", (20, 34, 40, 60))]
@@ -368,8 +436,8 @@ def test_box_targets_that_name_one_object(tmp_path):
         objects)
     recipe = RECIPES["shapes-tiny"]
     stage = Stage("t", 1, 1e-3, {"bbox": 1, "attn": 1}, ("object", "size"), phrases_per_image=4)
-    tok = make_tokenizer(tmp_path, recipe.model, None)
-    batch = collate([sample], tok, recipe.model, stage, random.Random(0))
+    tok = make_tokenizer(tmp_path, model_config(recipe), None)
+    batch = collate([training_sample(sample)], tok, model_config(recipe), stage, random.Random(0))
     row = {int(i): k for k, i in enumerate(batch["idx"])}
     names_one = batch["names_one_object"]
     assert not names_one[row[text_id("red circle")]]                  # a second red circle in the scene
@@ -377,7 +445,8 @@ def test_box_targets_that_name_one_object(tmp_path):
     assert names_one[row[text_id("two red circles and a blue square")]]
 
     torch.manual_seed(0)
-    cfg = dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=tok.vocab_size))
+    base = model_config(recipe)
+    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=tok.vocab_size))
     objective = Pretrainer(XVLM(cfg).eval(), tok, 0.0)
     objective.weights = {"bbox": 1, "attn": 1}
     every = objective(batch)

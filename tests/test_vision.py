@@ -10,7 +10,7 @@ from xvlm.checkpoint import load_pretrained, save_pretrained
 from xvlm.config import VisionConfig, XVLMConfig
 from xvlm.models.vision import VisionEncoder, concept_cls
 from xvlm.models.xvlm import XVLM
-from xvlm.train import RECIPES
+from xvlm.training.recipes import RECIPES, model_config
 
 torch.set_num_threads(1)
 TINY = VisionConfig(kind="vit", image_res=64, patch_size=16, width=32, depth=1, heads=2)
@@ -59,7 +59,7 @@ def test_configs_saved_before_the_stem_option_load_as_patchify():
 
 
 def test_conv_stem_model_round_trips_with_its_batchnorm_statistics(tmp_path):
-    cfg = RECIPES["shapes-tiny"].model
+    cfg = model_config(RECIPES["shapes-tiny"])
     assert cfg.vision.stem == "conv"              # the tiny recipe trains the same stem as the default model
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=50))
     torch.manual_seed(0)
@@ -101,11 +101,12 @@ def test_vit_positions_start_as_sincos_and_train_only_where_the_encoder_does():
     """The table is a starting point, not a constant: stages that train the encoder train it (as for every shipped
     model), the fusion-only stage leaves it (and the ITC heatmaps) as they are."""
     from xvlm.models.vision import sincos_2d
-    from xvlm.train import set_trainable
+    from xvlm.training.loop import set_trainable
     recipe = RECIPES["shapes-tiny"]
-    model = XVLM(dataclasses.replace(recipe.model, text=dataclasses.replace(recipe.model.text, vocab_size=40)))
+    cfg = model_config(recipe)
+    model = XVLM(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=40)))
     table = model.vision_encoder.backbone.pos_embed
-    grid, width = recipe.model.vision.grid_size, recipe.model.vision.width
+    grid, width = cfg.vision.grid_size, cfg.vision.width
     assert torch.equal(table[0], sincos_2d(grid, width))
     assert {stage.trainable for stage in recipe.stages} == {"all", "fusion"}
     for stage in recipe.stages:

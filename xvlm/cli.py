@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 # command -> module with `main(argv: list[str]) -> int | None`; imported only when the command is used
 # ("module:function" names another entry point than `main`)
-LAZY_COMMANDS = {"train": "xvlm.train", "eval": "xvlm.evaluate", "bench": "xvlm.bench",
+LAZY_COMMANDS = {"train": "xvlm.training.cli", "eval": "xvlm.evaluate", "bench": "xvlm.bench",
                  "refcoco": "xvlm.refcoco", "calibrate": "xvlm.analysis.verdict",
                  "index": "xvlm.search_cli:index_main", "search": "xvlm.search_cli:search_main",
                  "convert": "xvlm.convert", "export-onnx": "xvlm.onnx_backend"}
@@ -29,7 +29,7 @@ USAGE = """usage: python -m xvlm <command> [args]
 
 commands:
   ground   ground phrases in an image (python -m xvlm ground --help)
-  train    train a model (xvlm.train)
+  train    train a model (xvlm.training)
   eval     evaluate a model (xvlm.evaluate)
   bench    benchmark a model (xvlm.bench)
   refcoco  the official RefCOCO+ box evaluation of an official checkpoint (xvlm.refcoco)
