@@ -129,7 +129,7 @@ def test_word_maps_average_back_to_the_phrase_gradcam(g):
     wm = g.word_gradcams(IMG, phrase, layer=g.model.cfg.text.fusion_layer)
     cam = g.gradcam(IMG, phrase, layer=g.model.cfg.text.fusion_layer)
     assert np.array_equal(wm.phrase_map, cam)
-    tokens = g._gradcam_tokens(IMG, phrase, layer=g.model.cfg.text.fusion_layer)[0]
+    tokens = g.gradcam_tokens(IMG, phrase, layer=g.model.cfg.text.fusion_layer)[0]
     assert wm.words == phrase.split() and len(wm.maps) == len(wm.words)
     pieces = g.tokenizer.tokens(phrase)
     assert [pieces[i] for i in wm.token_rows[1]] == ["green", "##ish"] and all(

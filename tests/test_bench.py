@@ -171,7 +171,9 @@ def test_cross_attention_projects_each_image_once_per_layer(g, png):
     for a, b in zip(first, again):
         assert a.box_xyxy == b.box_xyxy and a.itm == b.itm and a.itc_region == b.itc_region
     (entry,) = g.cache.snapshot().values()
-    assert set(entry.fusion_keys_values) == set(attention)
+    (kv,) = entry.fusion_keys_values.values()                 # the box model's: it scores ITM too
+    assert len(kv) == len(attention) and all(k.shape[0] == 1 and v.shape == k.shape for k, v in kv.layers)
+    assert kv is g.keys_values(entry, g.model)                # the stored value, not a recomputation
 
 
 def test_cache_byte_bound_counts_the_stored_keys_values(g, png):

@@ -205,7 +205,7 @@ def test_itm_metric_counts_present_and_absent_labels():
 
     class Judge:
         """An ITM that is right: probability 0.9 for labels whose colour and shape the scene holds."""
-        _itm_model = object()
+        itm_model = object()
 
         meaning = {p.text: (s.objects[p.target[0]].color, s.objects[p.target[0]].shape)
                    for s in scenes for p in s.objects_text}

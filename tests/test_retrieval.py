@@ -128,7 +128,7 @@ def test_search_hits_carry_the_grounding_of_their_image(g, built):
 
 def _other_logit(g, path, text):
     from xvlm.retrieval import encode_texts, itm_logits
-    m = g._itm_model
+    m = g.itm_model
     t = encode_texts(g, [text], m)
     return float(itm_logits(g, m, t, [0], [g.encode_image(path, m).tokens])[0, 0])
 

@@ -507,9 +507,8 @@ def test_per_image_cross_attention_equals_attention_over_each_texts_own_tokens()
     keep = (torch.rand(P, 1 + N) > 0.4).float()
     keep[:, 0] = 1
     mask = additive_mask(keep, torch.float32)
-    attn.keep_attention = True
-    out = attn(hidden, mask, ImageContext(cls, patches, index))
-    attention_map = attn.attention_map
+    out, attention_map = attn(hidden, mask, ImageContext(cls, patches, index), need_weights=True)
+    torch.testing.assert_close(attn(hidden, mask, ImageContext(cls, patches, index)), out, atol=0, rtol=0)
     tokens = torch.cat([cls[:, None], patches[index]], dim=1)
     q, k, v = attn._heads(attn.query(hidden)), attn._heads(attn.key(tokens)), attn._heads(attn.value(tokens))
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)

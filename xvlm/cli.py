@@ -164,7 +164,11 @@ def _load_grounder(a: argparse.Namespace):
 
 
 def compute_gradcams(g, image, phrases: list[str], layer: int | None = None) -> dict:
-    """{phrase: (G, G) Grad-CAM} for the figure's ITM column (one image encoding, shared through the cache)."""
+    """{phrase: (G, G) Grad-CAM} for the figure's ITM column (one image encoding, shared through the cache), all at
+    one layer: `layer`, checked before any map is computed, or the model's default (`postprocess`)."""
+    from .postprocess import gradcam_layer
+
+    layer = gradcam_layer(g.itm_model.cfg, layer)
     return {p: g.gradcam(image, p, layer=layer) for p in dict.fromkeys(phrases)}
 
 

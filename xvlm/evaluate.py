@@ -27,7 +27,7 @@ import torch
 
 from .analysis import verdict
 from .box_ops import paired_iou
-from . import retrieval_eval
+from . import postprocess, retrieval_eval
 from .grounder import Grounder, GroundingResult
 
 EVAL_SEED = 10_000_019   # training draws scenes from np.random.default_rng([seed, rank, step, i]) with small seeds
@@ -42,11 +42,8 @@ def heatmap_points_into_box(result: GroundingResult, box_xyxy) -> bool:
     """Whether the patch-ITC heatmap's hottest cell over the image lies in the box (grown by half a cell: boxes are
     not on the grid). What the heatmap alone localises, next to what the bbox head does."""
     heat = np.where(result.cells_on_image(), result.patch_heatmap, -np.inf)
-    grid_h, grid_w = heat.shape
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    x0c, y0c, x1c, y1c = result.canvas.xyxy
-    cell_w, cell_h = (x1c - x0c) / grid_w, (y1c - y0c) / grid_h
-    cx, cy = x0c + (col + 0.5) * cell_w, y0c + (row + 0.5) * cell_h
+    cx, cy, cell_w, cell_h = postprocess.cell_centre(result.canvas, heat.shape, row, col)
     x0, y0, x1, y1 = box_xyxy
     return x0 - cell_w / 2 <= cx <= x1 + cell_w / 2 and y0 - cell_h / 2 <= cy <= y1 + cell_h / 2
 
@@ -168,7 +165,7 @@ def box_size_by_target_size(records) -> list[dict]:
 @torch.inference_mode()
 def retrieval_r1(g: Grounder, scenes, granularity: str) -> dict:
     """Text -> visual R@1 with one (visual, text) candidate per scene."""
-    m = g._itc_model
+    m = g.itc_model
     if m is None:
         return {"n": 0, "r@1": None, "note": "model has no ITC head"}
     texts, visual_feats = [], []
@@ -207,7 +204,7 @@ def itm_present_absent(g: Grounder, scenes) -> dict:
     """ITM on the whole image: an object label of the scene ("red circle") against the label of an object that the
     scene does not hold (same vocabulary, another scene's colour-shape pair). accuracy: both sides of 0.5 right;
     ranking: the present label scores higher."""
-    if g._itm_model is None:
+    if g.itm_model is None:
         return {"n": 0, "accuracy": None, "ranking": None, "note": "model has no ITM head"}
     labels = [(p.text, (s.objects[p.target[0]].color, s.objects[p.target[0]].shape))
               for s in scenes for p in s.objects_text if len(p.target) == 1]

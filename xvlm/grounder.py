@@ -3,14 +3,20 @@
 Data path of `ground` (one image encoding, one batched text + fusion pass for all phrases):
     image -> load_image (RGB as the model's `VisionConfig.convert` says) -> image_to_tensor (squash or letterbox:
           `Canvas`) -> vision encoder (LRU-cached by pixel hash) -> tokens [1, 1+N, C]
+          -> each fusion layer's cross-attention keys/values (kept in the same cache entry)
     phrases -> Tokenizer -> text encoder -> fusion over the whole image -> bbox head (box), itm head (ITM)
     projected patch features x projected text [CLS] -> image / region / object ITC and the patch heatmap
+    -> xvlm.postprocess: boxes in pixels of the original image, heatmaps, concept pooling, the phrase x box matrix
+
+The Grounder orchestrates: tokenising, the image-encoding cache, batching, locking, device and precision. What the
+outputs mean in pixels lives in xvlm.postprocess; retrieval (xvlm.retrieval, xvlm.index) and the analysis tools
+(xvlm.analysis) live in their modules and reach the models through the public members `itc_model`, `itm_model`,
+`read_image`, `encode` and `inference`; the Grounder's methods for them only delegate.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,14 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import analysis, box_ops
+from . import analysis, postprocess
 from . import precision as _precision
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .hub import default_weights, resolve_model
-from .models import XVLM, ImageContext, PackedText, box_patch_mask, concept_cls
-from .preprocess import (Canvas, InputError, Tokenizer, check_phrase, conversion_notes, decode_image, image_to_tensor,
-                         load_image)
+from .models import XVLM, FusionKeysValues, ImageContext, PackedText
+from .preprocess import (Canvas, InputError, Pixels, Tokenizer, check_phrase, conversion_notes, decode_image,
+                         image_to_tensor, load_image)
 from .vocabulary import note_unknown_words
 
 DEFAULT_WEIGHTS = default_weights()   # weights/xvlm-shapes of a checkout, or the installed package's copy (xvlm.hub)
@@ -100,14 +106,15 @@ class GroundingResult:
 class ImageEncoding:
     tokens: torch.Tensor                 # [1, 1+N, C] vision encoder output (token 0 = mean of patches)
     size: tuple[int, int]                # (W, H) of the original image
-    # each fusion layer's cross-attention keys/values of these tokens, filled by the first query (ImageContext)
-    fusion_keys_values: dict = field(default_factory=dict)
+    # The fusion layers' cross-attention keys/values of these tokens per model that queried them ("box", "scorer":
+    # two models may share the tokens, not their cross-attention). The Grounder adds one with the first query
+    # (`Grounder.keys_values`), so later queries on the image skip the projections.
+    fusion_keys_values: dict[str, FusionKeysValues] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         kvs = tuple(self.fusion_keys_values.values())   # one C call: safe beside a query that adds an entry
-        tensors = [self.tokens] + [t for kv in kvs for t in kv]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.tokens.numel() * self.tokens.element_size() + sum(kv.nbytes for kv in kvs)
 
 
 class EncodingCache:
@@ -247,18 +254,20 @@ class Grounder:
 
     # --- what this grounder can compute -------------------------------------------------------------------------
     @property
-    def _itc_model(self) -> XVLM | None:
+    def itc_model(self) -> XVLM | None:
+        """The model whose ITC heads score (the box model when it has them, else the scorer); None: neither has."""
         return next((m for m in (self.model, self.scorer) if m is not None and "itc" in m.heads), None)
 
     @property
-    def _itm_model(self) -> XVLM | None:
+    def itm_model(self) -> XVLM | None:
+        """The model whose ITM head scores and whose cross-attention Grad-CAM reads; None: neither has one."""
         return next((m for m in (self.model, self.scorer) if m is not None and "itm" in m.heads), None)
 
     @property
     def capabilities(self) -> dict[str, bool]:
-        return {"box": "bbox" in self.model.heads, "itc": self._itc_model is not None,
-                "itm": self._itm_model is not None,
-                "gradcam": self._itm_model is not None and "gradcam" not in self.unavailable}
+        return {"box": "bbox" in self.model.heads, "itc": self.itc_model is not None,
+                "itm": self.itm_model is not None,
+                "gradcam": self.itm_model is not None and "gradcam" not in self.unavailable}
 
     @property
     def unavailable(self) -> dict[str, str]:
@@ -271,18 +280,18 @@ class Grounder:
 
     def canvas(self, image_size: tuple[int, int]) -> Canvas:
         """Where an image of this size sits in the model's square input (both models share the vision config)."""
-        v = self.model.cfg.vision
-        return Canvas.of(image_size, v.image_res, v.resize)
+        return postprocess.canvas(self.model.cfg.vision, image_size)
 
     # --- image side ---------------------------------------------------------------------------------------------
     def encode_image(self, image, model: XVLM | None = None) -> ImageEncoding:
         """Vision tokens of `image` for `model` (default: the box model), from the cache when the pixels were seen."""
-        return self._encode(self._pixels(image), model or self.model)
+        return self.encode(self.read_image(image), model or self.model)
 
-    def _encode(self, px: "_Pixels", model: XVLM) -> ImageEncoding:
+    def encode(self, px: Pixels, model: XVLM) -> ImageEncoding:
+        """`encode_image` of pixels already read (`read_image`): the cached encoding, or one vision pass."""
         if model is self.scorer and self._shared_vision:
             model = self.model
-        role = "box" if model is self.model else "scorer"   # the cache belongs to this Grounder and its two models
+        role = self._role(model)                             # the cache belongs to this Grounder and its two models
         res = model.cfg.vision.image_res
         key = f"{px.digest}|{res}|{role}"
         with self._lock:                                    # concurrent callers on one image: one vision pass
@@ -291,16 +300,31 @@ class Grounder:
                 self.stats["cache_hits"] += 1
                 return hit
             pixels = image_to_tensor(px.image, res, model.cfg.vision.resize).unsqueeze(0).to(self.device)
-            with self._inference():
+            with self.inference():
                 tokens = model.encode_image(pixels).float()
             self.stats["vision_passes"] += 1
             enc = ImageEncoding(tokens, px.image.size)
             self.cache.put(key, enc)
             return enc
 
-    def _inference(self) -> contextlib.ExitStack:
+    def keys_values(self, enc: ImageEncoding, model: XVLM) -> FusionKeysValues:
+        """`model`'s fusion-layer keys/values of an image encoding (`encode(px, model)`), kept in that cached entry:
+        projected by the first query on the image, shared by every phrase of every later one. Call under
+        `inference()` (autocast)."""
+        role = self._role(model)
+        kv = enc.fusion_keys_values.get(role)
+        if kv is None:
+            kv = model.image_keys_values(enc.tokens)
+            with self._lock:                     # the entry's bytes grow: `_finish` trims the cache
+                kv = enc.fusion_keys_values.setdefault(role, kv)
+        return kv
+
+    def _role(self, model: XVLM) -> str:
+        return "box" if model is self.model else "scorer"
+
+    def inference(self) -> contextlib.ExitStack:
         """No autograd; autocast only when a lower precision was asked for (the heads' outputs are read back in
-        float32)."""
+        float32). Feature modules run their model calls under it."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         stack.enter_context(_precision.autocast(self.device, self.precision))
@@ -309,17 +333,20 @@ class Grounder:
     # --- grounding ----------------------------------------------------------------------------------------------
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
         px, text, results = self._prepare(image, phrases)
-        with self._inference():
+        with self.inference():
             run = _Pass(self, px, PackedText.of(text.input_ids.to(self.device), text.attention_mask.to(self.device)))
             boxes, fused = self._boxes(run, results)
             self._itm(run, fused, results)
             self._itc(run, boxes, results)
         return self._finish(results, single=isinstance(phrases, str))
 
+    # `_prepare` and `_finish` are the protected hooks of the backend contract: a subclass (xvlm.onnx_backend) that
+    # computes boxes and scores its own way calls them around its `ground`, so input checks, notes, the verdict and
+    # the cache bound are the same for every backend.
     def _prepare(self, image, phrases: str | list[str]):
         """The input side of `ground` (any backend): decoded pixels, tokens, and results with the text's notes."""
-        phrase_list = _check_phrases([phrases] if isinstance(phrases, str) else phrases)
-        px = self._pixels(image)                     # decoded and hashed once per call
+        phrase_list = check_phrases([phrases] if isinstance(phrases, str) else phrases)
+        px = self.read_image(image)                  # decoded and hashed once per call
         text = self.tokenizer(phrase_list)
         size, canvas = px.image.size, self.canvas(px.image.size).xyxy
         results = [GroundingResult(p, c, size, canvas) for p, c in zip(phrase_list, text.captions)]
@@ -336,18 +363,6 @@ class Grounder:
             self.cache.trim()                        # the pass may have added fusion keys/values to an entry
         return results[0] if single else results
 
-    @staticmethod
-    def _set_boxes(results: list[GroundingResult], coords: torch.Tensor) -> None:
-        """The bbox head's normalised (cx, cy, w, h) -> each result's box: raw, in pixels, and clipped to the image."""
-        pixels = results[0].canvas.to_pixels(box_ops.cxcywh_to_xyxy(coords.double().cpu()).numpy())
-        for r, c, xyxy in zip(results, coords.cpu(), pixels):
-            r.box_cxcywh = [float(v) for v in c]
-            r.box_xyxy_unclipped = [float(v) for v in xyxy]
-            r.box_xyxy = box_ops.clip_xyxy(xyxy, r.image_size)
-            if r.box_xyxy != r.box_xyxy_unclipped:
-                r.notes["box_clipped"] = ("the predicted box reached past the image's edges; box_xyxy is clipped to "
-                                          "the image, box_xyxy_unclipped keeps it as predicted")
-
     def _boxes(self, run: "_Pass", results):
         """Boxes from the fused [CLS] over the whole image; also returns that fused output, which the ITM head reads
         too (the official ITM path fuses with the same all-ones image mask)."""
@@ -358,11 +373,11 @@ class Grounder:
         m = self.model
         fused = run.fused_cls(m)
         coords = m.predict_bbox(fused).float()
-        self._set_boxes(results, coords)
+        postprocess.set_boxes(results, coords)
         return coords, fused
 
     def _itm(self, run: "_Pass", box_fused, results) -> None:
-        m = self._itm_model
+        m = self.itm_model
         if m is None:
             for r in results:
                 r.notes["itm"] = NO_ITM
@@ -376,111 +391,81 @@ class Grounder:
             r.itm = float(p)
 
     def _itc(self, run: "_Pass", boxes, results) -> None:
-        m = self._itc_model
+        m = self.itc_model
         if m is None:
             for r in results:
                 r.notes["itc"] = NO_ITC
             return
         tokens = run.tokens(m)
         text_feat = m.text_features(run.text.firsts(run.embeds(m))).float()   # [P, D]
-        feats = m.image_features(tokens[0]).float()                         # [1+N, D]
-        itc_image = text_feat @ feats[0]
-        heat = (feats[1:] @ text_feat.T).T.reshape(len(results), self.grid_size, self.grid_size)
-        for r, s, h in zip(results, itc_image.cpu(), heat.cpu()):
-            r.itc_image, r.patch_heatmap = float(s), h.float().numpy()
+        postprocess.set_image_itc(results, text_feat, m.image_features(tokens[0]).float(), self.grid_size)
         if boxes is None:
             for r in results:
                 r.notes["itc_region"] = NO_BOX
             return
-        concepts, masks = self._pool_concepts(tokens, boxes, fmt="cxcywh")   # one concept per phrase box
-        sims = (text_feat @ m.image_features(concepts).float().T).cpu()    # [phrase, box]
-        for i, r in enumerate(results):
-            r.itc_region = float(sims[i, i])
-            r.itc_objects = [float(v) for v in sims[i]]
-            r.region_mask = masks[i, 1:].reshape(self.grid_size, self.grid_size).bool().cpu().numpy()
-
-    def _pool_concepts(self, tokens: torch.Tensor, boxes: torch.Tensor, fmt: str):
-        """Concept [CLS] of normalised boxes on one image's tokens, pooled the X-VLM way, and their patch masks."""
-        masks = box_patch_mask(boxes, self.grid_size, fmt=fmt)
-        return concept_cls(tokens, masks.to(tokens.dtype)), masks
-
-    def _normalised_boxes(self, px: "_Pixels", boxes) -> torch.Tensor:
-        """Pixel xyxy boxes -> [B, 4] canvas coordinates in [0, 1], rejecting empty or inverted ones."""
-        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        if len(b) == 0:
-            raise InputError("no boxes given")
-        W, H = px.image.size
-        norm = torch.as_tensor(self.canvas((W, H)).normalise(np.clip(b, 0, [W, H, W, H])))
-        if (norm[:, 2] <= norm[:, 0]).any() or (norm[:, 3] <= norm[:, 1]).any():
-            raise InputError("boxes must be x0 < x1, y0 < y1 inside the image")
-        return norm.float().to(self.device)
+        concepts, masks = postprocess.pool_concepts(tokens, boxes, self.grid_size, fmt="cxcywh")   # one per phrase
+        sims = postprocess.phrase_box_matrix(text_feat, m.image_features(concepts).float())       # [phrase, box]
+        postprocess.set_region_itc(results, sims, masks, self.grid_size)
 
     def concepts(self, image, boxes) -> torch.Tensor:
         """Each box's visual concept [CLS] on the ITC model — the mean of the patch tokens the box covers, before
         `vision_proj` — [boxes, width]. Boxes are xyxy in pixels of the original image."""
-        m = self._itc_model
+        m = self.itc_model
         if m is None:
             raise RuntimeError(NO_ITC)
-        px = self._pixels(image)
-        norm = self._normalised_boxes(px, boxes)
-        tokens = self._encode(px, m).tokens
-        with self._inference():
-            return self._pool_concepts(tokens, norm, fmt="xyxy")[0].float()
+        px = self.read_image(image)
+        norm = self.normalised_boxes(px, boxes)
+        tokens = self.encode(px, m).tokens
+        with self.inference():
+            return postprocess.pool_concepts(tokens, norm, self.grid_size, fmt="xyxy")[0].float()
+
+    def normalised_boxes(self, px: Pixels, boxes) -> torch.Tensor:
+        """Pixel xyxy boxes on the image -> [B, 4] canvas coordinates in [0, 1] on this grounder's device
+        (`postprocess.normalise_boxes`: InputError for empty or inverted boxes)."""
+        return postprocess.normalise_boxes(self.canvas(px.size), px.size, boxes).to(self.device)
 
     def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
         """ITC similarity of each phrase with each box's visual concept (object granularity): [phrases, boxes].
         Boxes are xyxy in pixels of the original image."""
-        m = self._itc_model
+        m = self.itc_model
         if m is None:
             raise RuntimeError(NO_ITC)
-        phrase_list = _check_phrases(phrases)
+        phrase_list = check_phrases(phrases)
         concepts = self.concepts(image, boxes)     # validates the boxes before anything is encoded
         text = self.tokenizer(phrase_list)
-        with self._inference():
+        with self.inference():
             ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
             text_feat = m.text_features(m.encode_text(ids, mask)).float()
-            return (text_feat @ m.image_features(concepts.to(text_feat.dtype)).T).float().cpu().numpy()
+            concept_feats = m.image_features(concepts.to(text_feat.dtype))
+            return postprocess.phrase_box_matrix(text_feat, concept_feats).float().cpu().numpy()
 
     def gradcam(self, image, phrase: str, layer: int | None = None) -> np.ndarray:
         """The official weakly-supervised grounding map (Grounding.py): Grad-CAM of the ITM positive logit w.r.t. a
         fusion layer's cross-attention, positive gradients times attention, averaged over heads and text tokens.
         `layer` indexes the BERT layers (fusion layers are >= fusion_layer); default: the middle fusion layer.
         Like `patch_heatmap`, the (G, G) map covers the model's input (`canvas(image_size)`), padding included."""
-        return self._gradcam_tokens(image, phrase, layer).mean(1)[0].float().cpu().numpy()
+        return self.gradcam_tokens(image, phrase, layer).mean(1)[0].float().cpu().numpy()
 
-    def _gradcam_tokens(self, image, phrase: str, layer: int | None = None) -> torch.Tensor:
+    def gradcam_tokens(self, image, phrase: str, layer: int | None = None) -> torch.Tensor:
         """`gradcam` before the mean over text tokens: one map per token row of the cross-attention, [1, T, G, G]
-        (token 0 is [CLS]); per-word maps (`xvlm.analysis.wordmaps`) read the rows of each word's tokens."""
-        m = self._itm_model
+        (token 0 is [CLS]); per-word maps (`xvlm.analysis.wordmaps`) read the rows of each word's tokens. The
+        attention probabilities come from this call's own fusion pass (`fuse(return_attention=layer)`), so calls
+        may run concurrently."""
+        m = self.itm_model
         if m is None:
             raise RuntimeError(NO_ITM)
         if "gradcam" in self.unavailable:
             raise RuntimeError(self.unavailable["gradcam"])
-        (phrase,) = _check_phrases([phrase])
-        tcfg = m.cfg.text
-        layer = tcfg.fusion_layer + (tcfg.num_hidden_layers - tcfg.fusion_layer) // 2 if layer is None else layer
-        if not tcfg.fusion_layer <= layer < tcfg.num_hidden_layers:
-            raise ValueError(f"layer must be a fusion layer in [{tcfg.fusion_layer}, {tcfg.num_hidden_layers})")
+        (phrase,) = check_phrases([phrase])
+        layer = postprocess.gradcam_layer(m.cfg, layer)
         tokens = self.encode_image(image, m).tokens.clone()   # cached under inference_mode: a plain copy for autograd
         text = self.tokenizer([phrase])
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
-        attn = m.text_encoder.encoder.layer[layer].crossattention.self
-        self._lock.acquire()                                  # keep_attention is module state: one Grad-CAM at a time
-        attn.keep_attention = True
-        try:
-            with torch.enable_grad():
-                fused = m.fuse(m.encode_text(ids, mask), mask, tokens.float())
-                logit = m.itm_logits(fused)[:, 1].sum()
-                probs = attn.attention_map
-                (grads,) = torch.autograd.grad(logit, probs)
-        finally:
-            attn.keep_attention, attn.attention_map = False, None
-            self._lock.release()
-        g = self.grid_size
-        keep = mask.view(1, 1, -1, 1, 1).to(probs.dtype)
-        cams = probs.detach()[:, :, :, 1:].reshape(1, probs.shape[1], -1, g, g) * keep
-        grads = grads[:, :, :, 1:].clamp(min=0).reshape(1, probs.shape[1], -1, g, g) * keep
-        return (cams * grads).mean(1)
+        with torch.enable_grad():
+            out = m.fuse(m.encode_text(ids, mask), mask, tokens.float(), return_attention=layer)
+            logit = m.itm_logits(out.hidden)[:, 1].sum()
+            (grads,) = torch.autograd.grad(logit, out.attention)
+        return postprocess.gradcam_token_maps(out.attention, grads, mask, self.grid_size)
 
     # --- analysis (xvlm.analysis; these methods only delegate) ---------------------------------------------------
     def counterfactuals(self, image, phrase: str, kinds=None):
@@ -513,8 +498,10 @@ class Grounder:
         return f"phrase truncated to the model's {n} tokens"
 
     # --- input conversion: the image as this model reads it -------------------------------------------------------
-    def _pixels(self, image) -> "_Pixels":
-        return _Pixels.of(image, self.model.cfg.vision.convert)
+    def read_image(self, image) -> Pixels:
+        """`image` decoded as this model reads it (`VisionConfig.convert`) and hashed: pass it to `encode` and the
+        other methods that take an image, so that one call decodes and hashes once."""
+        return Pixels.of(image, self.model.cfg.vision.convert)
 
     def image_as_seen(self, image) -> tuple[Image.Image, list[str]]:
         """The RGB image this model reads from `image` (`VisionConfig.convert`; official checkpoints: exactly
@@ -547,34 +534,16 @@ class Grounder:
         return retrieval.search_texts(self, image, texts, k=k, rerank=rerank)
 
 
-class _Pixels:
-    """A decoded RGB image and the hash of its pixels (the cache key), computed once per call."""
-
-    def __init__(self, image: Image.Image):
-        self.image = image
-        self.digest = hashlib.sha1(image.tobytes() + f"|{image.size}".encode()).hexdigest()
-
-    @classmethod
-    def of(cls, image, convert: str) -> "_Pixels":
-        return image if isinstance(image, _Pixels) else cls(load_image(image, convert=convert))
-
-
 class _Pass:
     """One `ground` call's shared work: image tokens and text embeddings computed at most once per model. The
     phrases travel packed (no padding) through the text and fusion layers, each phrase's [CLS] read out at the end."""
 
-    def __init__(self, grounder: Grounder, px: _Pixels, text: PackedText):
+    def __init__(self, grounder: Grounder, px: Pixels, text: PackedText):
         self.grounder, self.px, self.text = grounder, px, text
         self._embeds: dict[int, torch.Tensor] = {}
 
     def tokens(self, model: XVLM) -> torch.Tensor:
-        return self.grounder._encode(self.px, model).tokens
-
-    def image_context(self, model: XVLM) -> ImageContext:
-        """The image as every phrase's fusion context, with the cached encoding's store of per-layer keys/values
-        (one dict for both models when they share a vision encoder: its keys are the attention modules)."""
-        enc = self.grounder._encode(self.px, model)
-        return ImageContext.single(enc.tokens, 1, keys_values=enc.fusion_keys_values)
+        return self.grounder.encode(self.px, model).tokens
 
     def embeds(self, model: XVLM) -> torch.Tensor:
         """Text-layer output of the packed phrases, [1, n, H]."""
@@ -587,11 +556,13 @@ class _Pass:
         """Every phrase fused with the whole image, each phrase's fused [CLS] as [P, 1, H] (the last fusion layer
         computes only those rows: the heads read nothing else)."""
         t = self.text
-        return model.fuse(self.embeds(model), t.attention_mask, self.image_context(model),
-                          last_rows=t.starts).transpose(0, 1)
+        enc = self.grounder.encode(self.px, model)
+        return model.fuse(self.embeds(model), t.attention_mask, ImageContext.single(enc.tokens, 1), last_rows=t.starts,
+                          keys_values=self.grounder.keys_values(enc, model)).transpose(0, 1)
 
 
-def _check_phrases(phrases) -> list[str]:
+def check_phrases(phrases) -> list[str]:
+    """A list of phrases as the Grounder takes them (at most MAX_PHRASES, each `check_phrase`d); InputError if not."""
     if isinstance(phrases, str) or not isinstance(phrases, (list, tuple)):
         raise InputError("phrases must be a string or a list of strings")
     if not phrases:
@@ -624,4 +595,4 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-__all__ = ["Grounder", "GroundingResult", "EncodingCache", "ImageEncoding", "InputError"]
+__all__ = ["Grounder", "GroundingResult", "EncodingCache", "ImageEncoding", "InputError", "Pixels", "check_phrases"]

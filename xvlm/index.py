@@ -49,7 +49,7 @@ def model_identity(g) -> dict:
     text preprocessing, not settings such as a calibrated threshold or the search default) and of the tensors that
     place images and texts in the shared space (both projections, the patch embedding). Vectors from another model
     are not comparable."""
-    m = g._itc_model
+    m = g.itc_model
     if m is None:
         from .grounder import NO_ITC
         raise RuntimeError(f"an index needs ITC features: {NO_ITC}")
@@ -109,7 +109,7 @@ class GalleryIndex:
     def open(self, row: int, g):
         """The image of a row, decoded from its file as `g`'s model reads it (raises InputError when the file went
         away or changed)."""
-        px = g._pixels(self.file(row))
+        px = g.read_image(self.file(row))
         if px.digest != self.items[row]["pixels_sha1"]:
             raise IndexError_(f"{self.file(row)} changed since it was indexed: re-index it")
         return px
@@ -327,11 +327,11 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def encode_vectors(g, images: list) -> np.ndarray:
-    """Normalised ITC image vectors [B, D] of decoded images (`_Pixels`), one batched vision pass."""
-    m = g._itc_model
+    """Normalised ITC image vectors [B, D] of decoded images (`Pixels`), one batched vision pass."""
+    m = g.itc_model
     v = m.cfg.vision
     batch = torch.stack([image_to_tensor(px.image, v.image_res, v.resize) for px in images]).to(g.device)
-    with g._inference():
+    with g.inference():
         return m.image_features(m.encode_image(batch)[:, 0]).float().cpu().numpy()
 
 
@@ -346,7 +346,7 @@ def index_images(g, images, index, batch_size: int = 8, save_every: int = 256, p
     idx.check_model(g)
     images = list(images)
     rep = Report()
-    pending: list[tuple[str, str | None, object]] = []   # (id, path, _Pixels)
+    pending: list[tuple[str, str | None, object]] = []   # (id, path, Pixels)
     since_save = 0
 
     def flush():
@@ -387,7 +387,7 @@ def index_images(g, images, index, batch_size: int = 8, save_every: int = 256, p
             rep.already_indexed += 1
             continue
         try:
-            px = g._pixels(image)
+            px = g.read_image(image)
         except InputError as e:
             rep.skipped.append((given, str(e)))
             continue

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grounder import NO_ITC, Grounder, GroundingResult, _check_phrases
+from . import postprocess
+from .grounder import NO_ITC, Grounder, GroundingResult, check_phrases
 
 MANIFEST = "onnx.json"
 GRAPHS = {"vision": "vision.onnx", "text": "text.onnx", "proj": "proj.onnx"}
@@ -226,12 +227,12 @@ class OnnxGrounder(Grounder):
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
         px, text, results = self._prepare(image, phrases)        # the torch Grounder's input and output sides
         m: _OrtModel = self.model
-        tokens = self._encode(px, m).tokens
+        tokens = self.encode(px, m).tokens
         out = m.text(text.input_ids, text.attention_mask, tokens)
         boxes = None
         if "box" in out:
             boxes = torch.from_numpy(out["box"])
-            self._set_boxes(results, boxes)
+            postprocess.set_boxes(results, boxes)
         else:
             for r in results:
                 r.notes["box"] = self._note("box")
@@ -257,31 +258,24 @@ class OnnxGrounder(Grounder):
     def _itc_onnx(self, tokens, text_feat, boxes, results) -> None:
         m: _OrtModel = self.model
         G = self.grid_size
-        feats = m.image_features(tokens[0])                                   # [1+N, D]
-        itc_image = text_feat @ feats[0]
-        heat = (feats[1:] @ text_feat.T).T.reshape(len(results), G, G)
-        for r, s, h in zip(results, itc_image, heat):
-            r.itc_image, r.patch_heatmap = float(s), h.numpy()
+        postprocess.set_image_itc(results, text_feat, m.image_features(tokens[0]), G)    # features [1+N, D]
         if boxes is None:
             for r in results:
                 r.notes["itc_region"] = self._note("box")
             return
-        concepts, masks = self._pool_concepts(tokens, boxes, fmt="cxcywh")
-        sims = text_feat @ m.image_features(concepts).T
-        for i, r in enumerate(results):
-            r.itc_region = float(sims[i, i])
-            r.itc_objects = [float(v) for v in sims[i]]
-            r.region_mask = masks[i, 1:].reshape(G, G).bool().numpy()
+        concepts, masks = postprocess.pool_concepts(tokens, boxes, G, fmt="cxcywh")
+        postprocess.set_region_itc(results, postprocess.phrase_box_matrix(text_feat, m.image_features(concepts)),
+                                   masks, G)
 
     def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
         if "itc" not in self.model.heads:
             raise RuntimeError(NO_ITC)
-        phrase_list = _check_phrases(phrases)
+        phrase_list = check_phrases(phrases)
         concepts = self.concepts(image, boxes)
         text = self.tokenizer(phrase_list)
-        tokens = self._encode(self._pixels(image), self.model).tokens
+        tokens = self.encode(self.read_image(image), self.model).tokens
         text_feat = torch.from_numpy(self.model.text(text.input_ids, text.attention_mask, tokens)["text_feat"])
-        return (text_feat @ self.model.image_features(concepts).T).numpy()
+        return postprocess.phrase_box_matrix(text_feat, self.model.image_features(concepts)).numpy()
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------

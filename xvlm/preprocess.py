@@ -7,6 +7,7 @@ Text: `pre_caption` cleaning -> BERT WordPiece -> `[CLS] tokens` with NO trailin
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 import unicodedata
@@ -284,6 +285,24 @@ def image_to_tensor(im: Image.Image, image_res: int, resize: str = "squash") -> 
     arr = np.asarray(im, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+class Pixels:
+    """A decoded RGB image (as the model reads it) and the hash of its pixels, the image-cache key: decode and hash
+    once per call, then pass this instead of the image (`Grounder.read_image`, `Grounder.encode`)."""
+
+    def __init__(self, image: Image.Image):
+        self.image = image
+        self.digest = hashlib.sha1(image.tobytes() + f"|{image.size}".encode()).hexdigest()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    @classmethod
+    def of(cls, image, convert: str = "official") -> "Pixels":
+        """`image` (any input `load_image` takes, or Pixels, returned as is) with the model's `convert` mode."""
+        return image if isinstance(image, cls) else cls(load_image(image, convert=convert))
 
 
 # --- text --------------------------------------------------------------------------------------------------------

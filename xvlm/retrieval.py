@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .grounder import NO_ITC, NO_ITM, _check_phrases, _Pixels
-from .preprocess import InputError, TextBatch, check_phrase
+from .grounder import NO_ITC, NO_ITM, check_phrases
+from .preprocess import InputError, Pixels, TextBatch, check_phrase
 
 if TYPE_CHECKING:
     from .grounder import Grounder, GroundingResult
@@ -71,7 +71,7 @@ def encode_texts(g: "Grounder", texts: list[str], model, batch_size: int = 256) 
     # official Grounder's tokenizer cuts only at the position table).
     max_tokens = model.cfg.max_tokens
     hidden, masks, embeds, captions = [], [], [], []
-    with g._inference():
+    with g.inference():
         for i in range(0, len(texts), batch_size):
             b = pad_max_length(tok(texts[i:i + batch_size], max_tokens=max_tokens), max_tokens, tok.pad_id)
             ids, mask = b.input_ids.to(g.device), b.attention_mask.to(g.device)
@@ -87,7 +87,7 @@ def encode_texts(g: "Grounder", texts: list[str], model, batch_size: int = 256) 
 
 def image_embed(g: "Grounder", tokens: torch.Tensor, model) -> torch.Tensor:
     """[1, 1+N, C] vision tokens -> the normalised ITC image feature [D] (vision_proj of token 0)."""
-    with g._inference():
+    with g.inference():
         return model.image_features(tokens[0, 0]).float()
 
 
@@ -97,7 +97,7 @@ def itm_logits(g: "Grounder", model, text: TextFeatures, text_rows, image_tokens
     the match logit the official protocol ranks by. `image_masks[j]` [1, 1+N] restricts pair j's cross-attention to a
     visual concept's patches (None: the whole image, as the official image retrieval)."""
     out = []
-    with g._inference():
+    with g.inference():
         for s in range(0, len(text_rows), FUSION_BATCH):
             rows = torch.as_tensor(text_rows[s:s + FUSION_BATCH], dtype=torch.long, device=text.hidden.device)
             images = torch.cat(image_tokens[s:s + FUSION_BATCH]).to(text.hidden.dtype)
@@ -138,13 +138,10 @@ def retrieval_scores(g: "Grounder", images, texts: list[str], k_test: int = 256,
     text_itm = text_itc if itm_m is itc_m else encode_texts(g, texts, itm_m, text_batch_size)
     img_embeds, img_tokens = [], []
     for image in tqdm(images, desc="encoding images", unit="img", disable=not progress):
-        px = g._pixels(image)                           # decoded one at a time: a 5K gallery does not fit decoded
-        img_embeds.append(image_embed(g, g._encode(px, itc_m).tokens, itc_m))
-        img_tokens.append(g._encode(px, itm_m).tokens)
-    scores = official_scores(g, itm_m, torch.stack(img_embeds), img_tokens, None, text_itc, text_itm, k_test)
-    with g._lock:
-        g.cache.trim()
-    return scores
+        px = g.read_image(image)                        # decoded one at a time: a 5K gallery does not fit decoded
+        img_embeds.append(image_embed(g, g.encode(px, itc_m).tokens, itc_m))
+        img_tokens.append(g.encode(px, itm_m).tokens)
+    return official_scores(g, itm_m, torch.stack(img_embeds), img_tokens, None, text_itc, text_itm, k_test)
 
 
 def official_scores(g: "Grounder", itm_m, visual_embeds: torch.Tensor, visual_tokens: list[torch.Tensor],
@@ -255,7 +252,7 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
     """The top-k gallery images for `phrase`: ITC over the index (FAISS), the top `rerank` (clamped to the gallery;
     None: the model's `search_rerank`) re-encoded from their files and ranked by the ITM logit, then each returned
     hit grounded."""
-    (phrase,) = _check_phrases([phrase])
+    (phrase,) = check_phrases([phrase])
     rerank = default_rerank(g) if rerank is None else rerank
     itc_m, itm_m = _retrieval_models(g)
     index.check_model(g)
@@ -268,9 +265,9 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
     text = encode_texts(g, [phrase], itc_m)
     rows, sims = index.search(text.embeds.cpu().numpy(), n_cand)
     rows, sims = rows[0], sims[0]
-    opened: dict[int, _Pixels] = {}          # each candidate's file decoded and hashed once per search
+    opened: dict[int, Pixels] = {}           # each candidate's file decoded and hashed once per search
 
-    def pixels(row: int) -> _Pixels:
+    def pixels(row: int) -> Pixels:
         if row not in opened:
             opened[row] = index.open(row, g)
         return opened[row]
@@ -278,7 +275,7 @@ def search(g: "Grounder", index: "GalleryIndex", phrase: str, k: int = 10, reran
     reranked: dict[int, float] = {}
     if rerank:
         text_itm = text if itm_m is itc_m else encode_texts(g, [phrase], itm_m)
-        tokens = [g._encode(pixels(int(r)), itm_m).tokens for r in rows[:rerank]]
+        tokens = [g.encode(pixels(int(r)), itm_m).tokens for r in rows[:rerank]]
         logits = itm_logits(g, itm_m, text_itm, [0] * len(tokens), tokens)[:, 1].cpu().numpy()
         reranked = {j: float(v) for j, v in enumerate(logits)}
     hits = []
@@ -304,16 +301,16 @@ def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None,
     re-scored by the ITM logit."""
     rerank = default_rerank(g) if rerank is None else rerank
     itc_m, itm_m = _retrieval_models(g)
-    px = g._pixels(image)
+    px = g.read_image(image)
     text = encode_texts(g, texts, itc_m)
-    sims = (text.embeds @ image_embed(g, g._encode(px, itc_m).tokens, itc_m)).cpu().numpy()
+    sims = (text.embeds @ image_embed(g, g.encode(px, itc_m).tokens, itc_m)).cpu().numpy()
     rerank = min(max(rerank, 0), len(texts))
     top = np.argsort(-sims, kind="stable")[:rerank]
     reranked: dict[int, float] = {}
     probs: dict[int, float] = {}
     if rerank:
         text_itm = text if itm_m is itc_m else encode_texts(g, texts, itm_m)
-        tokens = g._encode(px, itm_m).tokens
+        tokens = g.encode(px, itm_m).tokens
         logits = itm_logits(g, itm_m, text_itm, [int(t) for t in top], [tokens] * len(top)).cpu()
         reranked = {int(t): float(v) for t, v in zip(top, logits[:, 1])}
         probs = {int(t): float(p) for t, p in zip(top, logits.softmax(dim=-1)[:, 1])}
@@ -323,7 +320,7 @@ def search_texts(g: "Grounder", image, texts: list[str], k: int | None = None,
 
 
 def _retrieval_models(g: "Grounder"):
-    itc_m, itm_m = g._itc_model, g._itm_model
+    itc_m, itm_m = g.itc_model, g.itm_model
     if itc_m is None:
         raise RuntimeError(f"retrieval needs ITC features: {NO_ITC}")
     if itm_m is None:

@@ -53,9 +53,9 @@ def image_retrieval(g, scenes, k_test: int = K_TEST) -> dict:
     t_itc, t_itm = _texts(g, [t for _, t in pairs], itc_m, itm_m)
     embeds, tokens = [], []
     for image, _ in pairs:
-        px = g._pixels(image)
-        embeds.append(itc_m.image_features(g._encode(px, itc_m).tokens[0, 0]).float())
-        tokens.append(g._encode(px, itm_m).tokens)
+        px = g.read_image(image)
+        embeds.append(itc_m.image_features(g.encode(px, itc_m).tokens[0, 0]).float())
+        tokens.append(g.encode(px, itm_m).tokens)
         g.cache.clear()                       # one pass per image; the tokens are kept here
     scores = official_scores(g, itm_m, torch.stack(embeds), tokens, None, t_itc, t_itm, k)
     return _row(scores, len(pairs), k)
@@ -69,11 +69,11 @@ def region_retrieval(g, scenes, k_test: int = K_TEST) -> dict:
     t_itc, t_itm = _texts(g, [t for _, t in pairs], itc_m, itm_m)
     embeds, tokens, masks = [], [], []
     for (image, box), _ in pairs:
-        px = g._pixels(image)
-        mask = box_patch_mask(g._normalised_boxes(px, [box]), g.grid_size, fmt="xyxy").to(g.device)   # [1, 1+N]
-        itc_tokens = g._encode(px, itc_m).tokens
+        px = g.read_image(image)
+        mask = box_patch_mask(g.normalised_boxes(px, [box]), g.grid_size, fmt="xyxy").to(g.device)   # [1, 1+N]
+        itc_tokens = g.encode(px, itc_m).tokens
         embeds.append(itc_m.image_features(concept_cls(itc_tokens, mask.to(itc_tokens.dtype))[0]).float())
-        itm_tokens = g._encode(px, itm_m).tokens
+        itm_tokens = g.encode(px, itm_m).tokens
         tokens.append(concept_tokens(itm_tokens, mask.to(itm_tokens.dtype)))
         masks.append(mask)
         g.cache.clear()

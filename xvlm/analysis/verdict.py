@@ -31,7 +31,7 @@ ABSENT_KINDS = ("colour + shape", "shape")
 
 def threshold(g) -> tuple[float | None, bool]:
     """(threshold, calibrated) of the grounder's ITM model; (None, False) without an ITM head."""
-    m = g._itm_model
+    m = g.itm_model
     if m is None:
         return None, False
     t = getattr(m.cfg, "found_threshold", None)
@@ -39,7 +39,7 @@ def threshold(g) -> tuple[float | None, bool]:
 
 
 def weights(g) -> tuple[float, float, float] | None:
-    m = g._itm_model
+    m = g.itm_model
     w = getattr(m.cfg, "found_score_weights", None) if m is not None else None
     return None if w is None else tuple(float(v) for v in w)
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if g._itm_model is None:
+    if g.itm_model is None:
         print("error: the model has no ITM head: nothing to calibrate", file=sys.stderr)
         return 2
     records = score_scenes(g, eval_scenes(args.scenes, args.seed), args.seed, progress=True)

@@ -43,15 +43,15 @@ def word_token_rows(tokenizer, phrase: str) -> tuple[str, list[str], list[list[i
 
 
 def word_gradcams(g, image, phrase: str, layer: int | None = None) -> WordMaps:
+    from ..postprocess import gradcam_layer
     from ..preprocess import check_phrase
 
     phrase = check_phrase(phrase)
-    per_token = g._gradcam_tokens(image, phrase, layer)             # [1, T, G, G]; validates the layer
+    per_token = g.gradcam_tokens(image, phrase, layer)              # [1, T, G, G]; validates the layer
     caption, words, rows = word_token_rows(g.tokenizer, phrase)
     if rows and rows[-1][-1] >= per_token.shape[1]:                  # the word split disagrees with the batch's
         raise RuntimeError(f"word pieces of {caption!r} do not match the model's {per_token.shape[1]} tokens")
     maps = np.stack([per_token[0, r].mean(0).float().cpu().numpy() for r in rows]) if rows else np.zeros(
         (0,) + tuple(per_token.shape[2:]), dtype=np.float32)
-    tcfg = g._itm_model.cfg.text
-    used = tcfg.fusion_layer + (tcfg.num_hidden_layers - tcfg.fusion_layer) // 2 if layer is None else layer
+    used = gradcam_layer(g.itm_model.cfg, layer)
     return WordMaps(phrase, caption, words, rows, maps, per_token.mean(1)[0].float().cpu().numpy(), used)

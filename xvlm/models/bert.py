@@ -61,17 +61,12 @@ class ImageContext:
     patches: torch.Tensor    # [B, N, C] patch tokens per image
     index: torch.Tensor      # [P]       image row of text p
     shared: bool = False     # every text sees image 0 with the same [CLS] (inference: N phrases, one image)
-    # shared only: each cross-attention's keys/values of the image, filled on first use. An image's cached encoding
-    # keeps this dict, so later queries on it skip the per-layer projections (at base size 11-16 ms of a 55-61 ms
-    # cached phrase, benchmarks/RESULTS.md).
-    keys_values: dict | None = None
 
     @classmethod
-    def single(cls, tokens: torch.Tensor, n_texts: int, keys_values: dict | None = None) -> "ImageContext":
-        """One image's [1, 1+N, C] tokens shared by n texts; `keys_values`: a dict that caches the projections."""
+    def single(cls, tokens: torch.Tensor, n_texts: int) -> "ImageContext":
+        """One image's [1, 1+N, C] tokens shared by n texts."""
         return cls(tokens[:, 0].expand(n_texts, -1), tokens[:, 1:], torch.zeros(n_texts, dtype=torch.long,
-                                                                                 device=tokens.device), shared=True,
-                   keys_values=keys_values)
+                                                                                 device=tokens.device), shared=True)
 
     def select(self, rows: torch.Tensor) -> "ImageContext":
         return ImageContext(self.cls[rows], self.patches, self.index[rows], self.shared)
@@ -95,6 +90,33 @@ class ImageContext:
         return ImageContext(torch.cat([c.cls for c in contexts]), base.patches, torch.cat([c.index for c in contexts]))
 
 
+@dataclass(frozen=True)
+class FusionKeysValues:
+    """One image's cross-attention keys and values in every fusion layer, `layers[i]` = (K, V) of fusion layer i,
+    each [1, heads, 1+N, head_dim]: what all texts querying that image share. Computed by `BertModel.image_keys_values`
+    and passed to `fuse(keys_values=)`, so a caller that keeps it (the Grounder's image cache) skips the per-layer
+    projections on later queries (at base size 11-16 ms of a 55-61 ms cached phrase, benchmarks/RESULTS.md)."""
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[i]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
+
+
+@dataclass(frozen=True)
+class FusionOutput:
+    """`fuse(..., return_attention=layer)`: the fused hidden states and that layer's cross-attention probabilities
+    [B, heads, T, 1+N] (softmax over the image tokens, before dropout), part of the autograd graph."""
+    hidden: torch.Tensor
+    attention: torch.Tensor
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -113,7 +135,10 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head attention; `kv_width` differs from the hidden size for cross-attention to image tokens."""
+    """Multi-head attention; `kv_width` differs from the hidden size for cross-attention to image tokens.
+
+    `forward` returns the output, or (output, attention probabilities) with `need_weights` (Grad-CAM and the
+    attention-guidance loss read them; everything else takes the fused kernel)."""
 
     def __init__(self, cfg: TextConfig, kv_width: int):
         super().__init__()
@@ -123,37 +148,44 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
-        # Grad-CAM (the official weakly-supervised grounding) needs the attention map and its gradient.
-        self.keep_attention = False
-        self.attention_map: torch.Tensor | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, kv_width] -> this attention's keys and values, [B, heads, L, head_dim] each."""
+        return self._heads(self.key(tokens)), self._heads(self.value(tokens))
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
-                context: torch.Tensor | ImageContext | None = None) -> torch.Tensor:
+                context: torch.Tensor | ImageContext | None = None,
+                keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`keys_values`: the image's (K, V) computed before (`keys_values(tokens)`), only with a shared
+        ImageContext and no mask."""
         context = hidden if context is None else context
         if isinstance(context, ImageContext):
-            if context.shared and mask is None and not self.keep_attention:
-                return self._attend_one_image(hidden, context)
-            return self._attend_per_image(hidden, context, mask)
-        k, v = self._heads(self.key(context)), self._heads(self.value(context))
+            if context.shared and mask is None and not need_weights:
+                return self._attend_one_image(hidden, context, keys_values)
+            if keys_values is not None:
+                raise ValueError("keys_values serve one shared, unmasked image without attention weights")
+            out, probs = self._attend_per_image(hidden, context, mask)
+            return (out, probs) if need_weights else out
+        if keys_values is not None:
+            raise ValueError("keys_values go with a shared ImageContext")
+        k, v = self.keys_values(context)
         q = self._heads(self.query(hidden))
         dropout = self.dropout_p if self.training else 0.0
-        if self.keep_attention:
-            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
-            scores = scores if mask is None else scores + mask
-            probs = scores.softmax(dim=-1)
-            if probs.requires_grad:
-                probs.retain_grad()
-            self.attention_map = probs
-            out = F.dropout(probs, dropout, self.training) @ v
-        else:
+        if not need_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
                                                  dropout_p=dropout)
-        return out.transpose(1, 2).flatten(2)
+            return out.transpose(1, 2).flatten(2)
+        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
+        probs = (scores if mask is None else scores + mask).softmax(dim=-1)
+        out = F.dropout(probs, dropout, self.training) @ v
+        return out.transpose(1, 2).flatten(2), probs
 
-    def _attend_per_image(self, hidden: torch.Tensor, image: ImageContext, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend_per_image(self, hidden: torch.Tensor, image: ImageContext,
+                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts attending to their own image's patches (and their own [CLS]), with each image's keys/values computed
         once and never copied per text: the texts of one image are stacked as query rows of one matmul. Training has
         ~15 texts per image (concepts, ITM negatives, MLM), so per-text copies of the keys/values and their backward
@@ -164,33 +196,27 @@ class BertSelfAttention(nn.Module):
         slot, width = image.slots()
         q = self._heads(self.query(hidden)) / d ** 0.5                                     # [P, h, T, d]
         k_cls, v_cls = (proj(image.cls).view(P, h, 1, d) for proj in (self.key, self.value))
-        k_img, v_img = self._heads(self.key(image.patches)), self._heads(self.value(image.patches))   # [B, h, N, d]
+        k_img, v_img = self.keys_values(image.patches)                                     # [B, h, N, d]
         grouped = q.new_zeros(B, h, width, T, d)
         grouped[image.index, :, slot] = q
         patch_scores = (grouped.view(B, h, width * T, d) @ k_img.transpose(-1, -2)).view(B, h, width, T, N)
         scores = torch.cat([q @ k_cls.transpose(-1, -2), patch_scores[image.index, :, slot]], dim=-1)  # [P,h,T,1+N]
-        probs = (scores if mask is None else scores + mask).softmax(dim=-1)
-        if self.keep_attention:
-            if probs.requires_grad:
-                probs.retain_grad()
-            self.attention_map = probs
-        probs = F.dropout(probs, self.dropout_p, self.training)
+        weights = (scores if mask is None else scores + mask).softmax(dim=-1)             # returned before dropout
+        probs = F.dropout(weights, self.dropout_p, self.training)
         grouped_probs = probs.new_zeros(B, h, width, T, N)
         grouped_probs[image.index, :, slot] = probs[..., 1:]
         out_img = (grouped_probs.view(B, h, width * T, N) @ v_img).view(B, h, width, T, d)[image.index, :, slot]
         out = probs[..., :1] * v_cls + out_img                                              # [P, h, T, d]
-        return out.transpose(1, 2).flatten(2)
+        return out.transpose(1, 2).flatten(2), weights
 
-    def _attend_one_image(self, hidden: torch.Tensor, image: ImageContext) -> torch.Tensor:
-        """All texts attend to the same unmasked image: its keys/values once, and every text's queries as rows of one
-        attention call (each row's softmax is over the same keys, so this equals the per-text form) instead of P
-        copies of the image's keys and values."""
-        k, v = image.keys_values.get(self, (None, None)) if image.keys_values is not None else (None, None)
-        if k is None:
-            tokens = torch.cat([image.cls[:1, None], image.patches[:1]], dim=1)             # [1, 1+N, C]
-            k, v = self._heads(self.key(tokens)), self._heads(self.value(tokens))            # [1, h, 1+N, d]
-            if image.keys_values is not None:
-                image.keys_values[self] = (k, v)
+    def _attend_one_image(self, hidden: torch.Tensor, image: ImageContext,
+                          keys_values: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """All texts attend to the same unmasked image: its keys/values once (or as given), and every text's queries
+        as rows of one attention call (each row's softmax is over the same keys, so this equals the per-text form)
+        instead of P copies of the image's keys and values."""
+        if keys_values is None:
+            keys_values = self.keys_values(torch.cat([image.cls[:1, None], image.patches[:1]], dim=1))  # [1,h,1+N,d]
+        k, v = keys_values
         q = self._heads(self.query(hidden))                                                  # [P, h, T, d]
         P, h, T, d = q.shape
         q = q.transpose(0, 1).reshape(1, h, P * T, d)
@@ -217,8 +243,12 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg, kv_width)
         self.output = BertAttentionOutput(cfg.hidden_size, cfg)
 
-    def forward(self, hidden, mask, context=None):
-        return self.output(self.self(hidden, mask, context), hidden)
+    def forward(self, hidden, mask, context=None, keys_values=None, need_weights: bool = False):
+        """The block's output, or (output, attention probabilities) with `need_weights` (`BertSelfAttention`)."""
+        if not need_weights:
+            return self.output(self.self(hidden, mask, context, keys_values), hidden)
+        out, probs = self.self(hidden, mask, context, keys_values, need_weights=True)
+        return self.output(out, hidden), probs
 
 
 class BertIntermediate(nn.Module):
@@ -243,16 +273,23 @@ class BertLayer(nn.Module):
     def is_fusion(self) -> bool:
         return hasattr(self, "crossattention")
 
-    def forward(self, hidden, mask, image=None, image_mask=None, rows: torch.Tensor | None = None):
-        """`rows`: compute only these token positions (queries), attending over all of `hidden`."""
+    def forward(self, hidden, mask, image=None, image_mask=None, rows: torch.Tensor | None = None,
+                keys_values=None, need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`rows`: compute only these token positions (queries), attending over all of `hidden`. `keys_values`,
+        `need_weights`: of the cross-attention (`BertSelfAttention.forward`); with `need_weights` the result is
+        (hidden, cross-attention probabilities)."""
         if rows is None:
             hidden = self.attention(hidden, mask)
         else:
             mask = mask if mask.shape[-2] == 1 else mask[:, :, rows]     # packed texts: one mask row per query
             hidden = self.attention(hidden[:, rows], mask, hidden)
-        if self.is_fusion:
-            hidden = self.crossattention(hidden, image_mask, image)
-        return self.output(self.intermediate(hidden), hidden)
+        if not self.is_fusion:
+            return self.output(self.intermediate(hidden), hidden)
+        if not need_weights:
+            hidden = self.crossattention(hidden, image_mask, image, keys_values)
+            return self.output(self.intermediate(hidden), hidden)
+        hidden, probs = self.crossattention(hidden, image_mask, image, keys_values, need_weights=True)
+        return self.output(self.intermediate(hidden), hidden), probs
 
 
 class BertEncoder(nn.Module):
@@ -284,19 +321,45 @@ class BertModel(nn.Module):
             hidden = layer(hidden, mask)
         return hidden
 
+    def image_keys_values(self, image_tokens: torch.Tensor) -> FusionKeysValues:
+        """One image's [1, 1+N, C] tokens -> every fusion layer's cross-attention (K, V), for `fuse(keys_values=)`."""
+        tokens = image_tokens.contiguous()
+        return FusionKeysValues(tuple(layer.crossattention.self.keys_values(tokens) for layer in self.fusion_layers))
+
     def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | ImageContext,
-             image_mask: torch.Tensor | None = None, last_rows: torch.Tensor | None = None) -> torch.Tensor:
+             image_mask: torch.Tensor | None = None, last_rows: torch.Tensor | None = None,
+             keys_values: FusionKeysValues | None = None,
+             return_attention: int | None = None) -> torch.Tensor | FusionOutput:
         """Fusion layers over text; `image` is [B, 1+N, C] tokens or an ImageContext; `image_mask` [B, 1+N] 0/1
         restricts cross-attention to a concept's patches (None: the whole image). `last_rows`: token positions the
-        last layer computes (the ITM and bbox heads read only [CLS]); the output is then [B, len(last_rows), H]."""
+        last layer computes (the ITM and bbox heads read only [CLS]); the output is then [B, len(last_rows), H].
+        `keys_values`: the image's cross-attention keys/values from `image_keys_values` (with a shared ImageContext
+        made from the same tokens; None: projected here). `return_attention`: a BERT layer index (a fusion layer;
+        negative counts from the end); the result is then a FusionOutput that also holds that layer's
+        cross-attention probabilities (that layer computes them with an explicit softmax, not the fused kernel)."""
         mask = additive_mask(attention_mask, text_embeds.dtype)
         if image_mask is not None:
             image_mask = additive_mask(image_mask, text_embeds.dtype)
-        hidden = text_embeds
         layers = self.fusion_layers
+        if keys_values is not None and len(keys_values) != len(layers):
+            raise ValueError(f"keys_values holds {len(keys_values)} layers; the model has {len(layers)} fusion layers")
+        wanted = None
+        if return_attention is not None:
+            n = self.config.num_hidden_layers
+            index = return_attention + n if return_attention < 0 else return_attention
+            if not self.config.fusion_layer <= index < n:
+                raise ValueError(f"return_attention must be a fusion layer in [{self.config.fusion_layer}, {n}), "
+                                 f"got {return_attention}")
+            wanted = index - self.config.fusion_layer
+        hidden, attention = text_embeds, None
         for i, layer in enumerate(layers):
-            hidden = layer(hidden, mask, image, image_mask, last_rows if i == len(layers) - 1 else None)
-        return hidden
+            args = (hidden, mask, image, image_mask, last_rows if i == len(layers) - 1 else None,
+                    None if keys_values is None else keys_values[i])
+            if i == wanted:
+                hidden, attention = layer(*args, need_weights=True)
+            else:
+                hidden = layer(*args)
+        return hidden if wanted is None else FusionOutput(hidden, attention)
 
 
 class MLMHead(nn.Module):

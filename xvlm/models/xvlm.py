@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import XVLMConfig
-from .bert import BertModel, MLMHead
+from .bert import BertModel, FusionKeysValues, FusionOutput, MLMHead
 from .vision import VisionEncoder
 
 HEADS = ("itc", "itm", "bbox", "mlm")
@@ -73,8 +73,15 @@ class XVLM(nn.Module):
                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.text_encoder.encode_text(input_ids, attention_mask, position_ids)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, last_rows=None) -> torch.Tensor:
-        return self.text_encoder.fuse(text_embeds, attention_mask, image_embeds, image_mask, last_rows)
+    def image_keys_values(self, image_tokens: torch.Tensor) -> FusionKeysValues:
+        """An image's cross-attention keys/values in every fusion layer, for reuse across queries (`fuse`)."""
+        return self.text_encoder.image_keys_values(image_tokens)
+
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, last_rows=None, keys_values=None,
+             return_attention: int | None = None) -> torch.Tensor | FusionOutput:
+        """`BertModel.fuse`: fused hidden states, or a FusionOutput with one layer's cross-attention."""
+        return self.text_encoder.fuse(text_embeds, attention_mask, image_embeds, image_mask, last_rows, keys_values,
+                                      return_attention)
 
     # --- heads --------------------------------------------------------------------------------------------------
     def image_features(self, image_tokens: torch.Tensor) -> torch.Tensor:

@@ -56,21 +56,17 @@ class Pretrainer(nn.Module):
         if w.get("bbox") or w.get("itm_image"):     # phrases fused with their whole image: the Grounder's query
             phrase_embeds, phrase_mask = losses.without_padding(text_embeds[phrases], tmask[phrases])
             whole_image = ImageContext(tokens[batch["group"], 0], tokens[:, 1:], batch["group"]).select(phrases)
-            last_cross = m.text_encoder.fusion_layers[-1].crossattention.self
-            last_cross.keep_attention = bool(w.get("attn") and w.get("bbox"))
-            try:
-                fused = m.fuse(phrase_embeds, phrase_mask, whole_image,
-                               last_rows=losses.CLS_ROW.to(tmask.device))
-            finally:
-                last_cross.keep_attention = False
+            attn_layer = -1 if w.get("attn") and w.get("bbox") else None    # the last fusion layer's [CLS] attention
+            fused = m.fuse(phrase_embeds, phrase_mask, whole_image, last_rows=losses.CLS_ROW.to(tmask.device),
+                           return_attention=attn_layer)
+            if attn_layer is not None:
+                fused, attention = fused.hidden, fused.attention
         if w.get("bbox"):
             names_one = batch["names_one_object"][phrases]
             targets = names_one if self.unique_box_targets and names_one.any() else slice(None)
             out["l1"], out["giou"] = losses.bbox_loss(m.predict_bbox(fused)[targets], batch["boxes"][phrases][targets])
             if w.get("attn"):
-                out["attn"] = losses.attention_guidance_loss(last_cross.attention_map[targets],
-                                                             batch["patch_mask"][phrases][targets])
-            last_cross.attention_map = None
+                out["attn"] = losses.attention_guidance_loss(attention[targets], batch["patch_mask"][phrases][targets])
         if w.get("itm_image"):
             out["itm_image"] = losses.image_matching_loss(
                 m, fused, tokens, phrase_embeds, phrase_mask, text_feat[phrases],
