@@ -22,8 +22,8 @@ CASES = json.loads((X2 / "cases.json").read_text())["cases"]
 
 
 @pytest.fixture(scope="module")
-def grounder() -> Grounder:
-    return Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
+def grounder(x2vlm_grounder) -> Grounder:
+    return x2vlm_grounder
 
 
 def test_selector_names_the_family_of_official_files(tmp_path):

@@ -32,11 +32,12 @@ from tqdm import tqdm
 from . import losses
 from .box_ops import xyxy_to_cxcywh
 from .checkpoint import save_pretrained
-from .config import TextConfig, VisionConfig, XVLMConfig
+from .config import XVLMConfig
 from .data.synthetic import Desc
 from .models import XVLM, ImageContext, box_patch_mask
 from .models.bert import additive_mask
 from .preprocess import Canvas, Tokenizer, image_to_tensor, write_wordpiece_vocab
+from .registry import get_model_config
 
 
 # --- recipes (configuration as data) ----------------------------------------------------------------------------
@@ -69,20 +70,7 @@ class Recipe:
 REFEXP_KINDS = ("attribute", "size", "position", "relation")
 ALL_KINDS = ("object", "region") + REFEXP_KINDS
 
-SHAPES_MODEL = XVLMConfig(
-    # conv stem: the encoder learns shapes, not only colours (VisionConfig.stem; Acc@0.5 0.594 -> 0.823, runs/v9)
-    # Squashed input, as the official code: letterboxing (resize="letterbox") read shapes better but lost rectangles
-    # and small objects, Acc@0.5 0.843 -> 0.804 (runs/v11, weights/README.md). A 16x16 grid (image_res=256) read shapes
-    # better per step, but a stage-2 step costs 1.69x: in stage 2's time (3500 steps) Acc@0.5 0.843 -> 0.664 (runs/g16).
-    # convert="composite": uploads to the demo are read as a viewer shows them (EXIF rotation, alpha on white); the
-    # synthetic corpus is plain RGB, so training is the same either way
-    vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3, stem="conv",
-                        convert="composite"),
-    text=TextConfig(vocab_size=0, hidden_size=192, num_hidden_layers=4, fusion_layer=2, num_attention_heads=3,
-                    intermediate_size=768, max_position_embeddings=64,
-                    # no dropout: every step sees fresh scenes, so the small model underfits rather than overfits
-                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-    embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
+SHAPES_MODEL = get_model_config("shapes")
 
 RECIPES: dict[str, Recipe] = {
     # The 90-minute CPU recipe: 90.1 minutes on a 2-core CPU, nothing else running (runs/v10; weights/README.md has
@@ -115,10 +103,7 @@ RECIPES: dict[str, Recipe] = {
     ]),
     # A few steps of a tiny model: tests and smoke runs.
     "shapes-tiny": Recipe(
-        model=dataclasses.replace(
-            SHAPES_MODEL, vision=dataclasses.replace(SHAPES_MODEL.vision, image_res=64, width=32, depth=1, heads=2),
-            text=dataclasses.replace(SHAPES_MODEL.text, hidden_size=32, num_attention_heads=2, intermediate_size=64),
-            embed_dim=16),
+        model=get_model_config("shapes-tiny"),
         batch_images=4, stages=[
             Stage("pretrain", steps=3, lr=1e-3, loss_weights={"itc": 1, "itm": 1, "mlm": 1, "bbox": 1},
                   phrase_kinds=ALL_KINDS, phrases_per_image=2, warmup=1),
@@ -134,8 +119,7 @@ RECIPES: dict[str, Recipe] = {
 
 # "shapes" on a 16x16 grid (256 px, same patches and stem), for a machine with steps to spare, e.g. a GPU with
 # `--steps-scale 4`: per step it read shapes better than "shapes"; in the CPU budget it lost (weights/README.md).
-RECIPES["shapes-grid16"] = dataclasses.replace(RECIPES["shapes"], model=dataclasses.replace(
-    SHAPES_MODEL, vision=dataclasses.replace(SHAPES_MODEL.vision, image_res=256)))
+RECIPES["shapes-grid16"] = dataclasses.replace(RECIPES["shapes"], model=get_model_config("shapes-grid16"))
 
 
 def second_cycle(recipe: Recipe, seed: int = 1) -> Recipe:
