@@ -20,9 +20,8 @@ IMG = F / "img_a.png"   # 640 x 480
 
 
 @pytest.fixture(scope="module")
-def base() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu")
+def base(official_grounder) -> Grounder:
+    return official_grounder
 
 
 @pytest.fixture
@@ -54,9 +53,8 @@ def test_calibrated_threshold_is_read_from_the_config(base):
         base.model.cfg = old
 
 
-def test_no_itm_head_gives_no_verdict_with_the_reason():
-    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                               device="cpu")
+def test_no_itm_head_gives_no_verdict_with_the_reason(load_official):
+    g = load_official()
     g.model.cfg = dataclasses.replace(g.model.cfg, heads=("bbox",))     # as the official RefCOCO+ bbox checkpoint
     r = g.ground(IMG, "the red circle")
     assert r.itm is None and r.found is None and r.found_score is None and r.evidence is None

@@ -18,9 +18,8 @@ IMG = F / "img_a.png"   # 640 x 480
 
 
 @pytest.fixture(scope="module")
-def g() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu", name="fixture")
+def g(load_official) -> Grounder:
+    return load_official(name="fixture")
 
 
 def test_score_table_has_verdict_and_evidence_with_gradcam(g, tmp_path):

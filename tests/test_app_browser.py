@@ -33,7 +33,6 @@ except ImportError:
 from app import callbacks as cb  # noqa: E402
 from app.models import ModelRegistry  # noqa: E402
 from app.ui import build_demo, launch_kwargs  # noqa: E402
-from xvlm import Grounder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 F = ROOT / "tests" / "fixtures" / "official-xvlm-small"
@@ -65,9 +64,8 @@ def assets(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(assets, tmp_path_factory):
-    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                               device="cpu", name="fixture (random weights)")
+def url(assets, tmp_path_factory, load_official):
+    g = load_official(name="fixture (random weights)")
     demo = build_demo(ModelRegistry(grounders={"fixture (random weights)": g}),
                       assets_dir=assets, out_dir=tmp_path_factory.mktemp("json"))
     demo.queue(default_concurrency_limit=cb.QUEUE_CONCURRENCY, max_size=cb.QUEUE_MAX_SIZE)

@@ -1,7 +1,6 @@
 """The demo's callbacks without a server: outputs, JSON, every bad input, missing heads, encoding re-use, models."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -336,15 +335,8 @@ def test_model_registry_is_lazy_and_explains_problems(tmp_path, box_only_checkpo
     assert [s.name for s in specs_from_options(default_weights=tmp_path)] == [DEFAULT_NAME]
 
 
-def _app_main():
-    spec = importlib.util.spec_from_file_location("xvlm_app_main", ROOT / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_app_flags_and_env_vars(tmp_path, capsys):
-    main = _app_main()
+def test_app_flags_and_env_vars(tmp_path, capsys, load_script):
+    main = load_script("app.py")
     env = {"XVLM_CHECKPOINT": "env.pth", "XVLM_PRESET": "xvlm-base-4m", "XVLM_TOKENIZER": "vocab.txt",
            "XVLM_MODEL": "some/dir", "XVLM_CONFIG": ""}
     args = main.parse_args(["--checkpoint", "flag.pth", "--port", "7999"], env=env)

@@ -18,9 +18,8 @@ GALLERY = [F / im["file"] for im in R["images"]]
 
 
 @pytest.fixture(scope="module")
-def g() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu", name="fixture")
+def g(load_official) -> Grounder:
+    return load_official(name="fixture")
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                               device="cpu", name="fixture")
+def server(tmp_path_factory, load_official):
+    g = load_official(name="fixture")
     registry = ModelRegistry(grounders={"fixture": g})
     demo = build_demo(registry, assets_dir=tmp_path_factory.mktemp("no-assets"),
                       out_dir=tmp_path_factory.mktemp("json"))

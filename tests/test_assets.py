@@ -1,7 +1,6 @@
 """The demo's examples are drawn by the rule of scripts/make_assets.py, not picked (issue #26)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,15 +10,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_assets", ROOT / "scripts" / "make_assets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_assets_are_the_first_seeds_of_both_renderers():
-    script = _script()
+def test_assets_are_the_first_seeds_of_both_renderers(load_script):
+    script = load_script("scripts/make_assets.py")
     expected = script.examples()
     entries = json.loads((ROOT / "assets" / "examples.json").read_text())
     assert [e["image"] for e in entries] == [name for name, *_ in expected]
@@ -33,8 +25,8 @@ def test_assets_are_the_first_seeds_of_both_renderers():
     assert shipped == {name for name, *_ in expected}           # no hand-made example left beside them
 
 
-def test_the_script_writes_what_it_promises(tmp_path):
-    script = _script()
+def test_the_script_writes_what_it_promises(tmp_path, load_script):
+    script = load_script("scripts/make_assets.py")
     (tmp_path / "opencv_01.png").write_bytes(b"old")
     script.main(tmp_path)
     assert not (tmp_path / "opencv_01.png").exists()

@@ -23,13 +23,11 @@ PHRASES = bench.PHRASES[:5]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, load_official, load_x2vlm):
     tmp = tmp_path_factory.mktemp("bench-models")
-    tiny = bench.tiny_grounder("cpu", tmp)
-    official = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml",
-                                      tokenizer=F / "vocab.txt", device="cpu")
-    x2 = Grounder.from_official(X2 / "checkpoint.pth", config=X2 / "refcoco_grounding.yaml",
-                                tokenizer=X2 / "bert-base-uncased-tiny", device="cpu")   # X²-VLM: same cache paths
+    tiny = bench.tiny_grounder("cpu", tmp)           # the benchmark's own tiny model (what `--models tiny` times)
+    official = load_official()
+    x2 = load_x2vlm()                                 # X²-VLM: same cache paths
     return {"tiny": tiny, "official-small": official, "official-x2-small": x2}
 
 

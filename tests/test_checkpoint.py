@@ -28,8 +28,8 @@ def state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=YAML, tokenizer=VOCAB, device="cpu")
+def reference(official_grounder) -> Grounder:
+    return official_grounder
 
 
 def save(tmp_path: Path, obj, name: str = "ckpt.pth") -> Path:

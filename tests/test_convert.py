@@ -35,8 +35,8 @@ def converted(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def official() -> Grounder:
-    return Grounder.from_official(CKPT, config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt", device="cpu")
+def official(official_grounder) -> Grounder:
+    return official_grounder
 
 
 def assert_same_results(a, b):

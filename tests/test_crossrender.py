@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xvlm import bench, crossrender
+from xvlm import crossrender
 from xvlm.crossrender import CROSS_SEED, cross_scene, cross_scenes, evaluate_cross_renderer, head_of
 from xvlm.data import VOCAB_WORDS
 
@@ -97,11 +97,11 @@ def test_head_groups_the_words_naming_the_target():
     assert head_of("noun only") == "noun only" and head_of(None) is None
 
 
-def test_cross_renderer_eval_on_a_tiny_model_and_through_the_cli(tmp_path, capsys):
+def test_cross_renderer_eval_on_a_tiny_model_and_through_the_cli(tmp_path, capsys, make_tiny_grounder):
     from xvlm.checkpoint import save_pretrained
     from xvlm.evaluate import main
 
-    g = bench.tiny_grounder("cpu", tmp_path)
+    g = make_tiny_grounder(tmp_path)
     block = evaluate_cross_renderer(g, n_scenes=3)
     n = sum(len(s.refexps) for s in cross_scenes(3))
     assert block["grounding"]["all"]["n"] == n == sum(r["n"] for r in block["head"].values())

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from xvlm import bench
 from xvlm.box_ops import clip_xyxy
 from xvlm.grounder import GroundingResult
 from xvlm.evaluate import (box_size_by_target_size, eval_scenes, evaluate, format_report, ground_expressions,
@@ -74,8 +73,8 @@ def test_box_size_rows_read_the_width_ratio_of_boxes_on_the_right_object():
     assert all(r["median_width_ratio"] is None for r in off)
 
 
-def test_eval_report_on_a_tiny_model(tmp_path):
-    g = bench.tiny_grounder("cpu", tmp_path)
+def test_eval_report_on_a_tiny_model(tmp_path, make_tiny_grounder):
+    g = make_tiny_grounder(tmp_path)
     report = evaluate(g, n_scenes=4, n_retrieval=4)
     kinds = set(report["grounding"]) - {"all"}
     assert kinds and kinds <= {"attribute", "size", "position", "relation"}
@@ -88,13 +87,13 @@ def test_eval_report_on_a_tiny_model(tmp_path):
         assert heading in text
 
 
-def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch):
+def test_box_probe_reads_boxes_that_are_in_the_features(tmp_path, monkeypatch, make_tiny_grounder):
     """A vision encoder whose patch tokens are their own grid coordinates: the concept mean carries the box centre
     exactly, so the read-out must find it (R^2 ~ 1), while a constant encoder gives nothing to read."""
     import torch
 
     from xvlm.evaluate import box_probe_r2, object_concepts
-    g = bench.tiny_grounder("cpu", tmp_path)
+    g = make_tiny_grounder(tmp_path)
     grid = g.grid_size
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     coords = torch.stack([(cols.flatten() + 0.5) / grid, (rows.flatten() + 0.5) / grid], dim=1)

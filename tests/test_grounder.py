@@ -19,9 +19,8 @@ PHRASES = ["The RED circle on the left.", "blue-ish rectangles, top/right", "a z
            "green triangle", "the big blue box", "circle", "small triangle at the bottom", "left red thing"]
 
 @pytest.fixture(scope="module")
-def base() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu")
+def base(official_grounder) -> Grounder:
+    return official_grounder
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def test_cli_ground_takes_a_repo_id(hub_cache, capsys):
     assert "not in the local cache" in capsys.readouterr().err
 
 
-def test_app_takes_a_repo_id(hub_cache, monkeypatch):
+def test_app_takes_a_repo_id(hub_cache, monkeypatch, load_script):
     import app as app_module  # noqa: F401  (the package; app.py is the script)
     from app.models import ModelRegistry, specs_from_options
 
@@ -97,10 +97,7 @@ def test_app_takes_a_repo_id(hub_cache, monkeypatch):
     assert specs[0].kwargs == {"revision": "v1", "precision": "fp32"}
     g = ModelRegistry(specs).get()
     assert g.ground(IMAGE, "a red circle").box_xyxy is not None
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("app_script", Path(__file__).parent.parent / "app.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("app.py")
     args = script.parse_args([], env={"XVLM_MODEL": REPO, "XVLM_PRECISION": "int8"})
     assert (args.model, args.precision) == (REPO, "int8")
 

@@ -29,9 +29,8 @@ WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
 
 
 @pytest.fixture(scope="module")
-def grounder() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu")
+def grounder(official_grounder) -> Grounder:
+    return official_grounder
 
 
 def composite(g: Grounder) -> Grounder:

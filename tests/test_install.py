@@ -77,6 +77,9 @@ def test_wheel_contents(wheel):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"xvlm"}       # no app/, assets/, tests/, weights/
     for f in ("config.json", "model.safetensors", "vocab.txt"):
         assert f"xvlm/weights/xvlm-shapes/{f}" in names
+    from xvlm.registry import list_models
+    assert {n for n in names if n.startswith("xvlm/model_configs/")} == {
+        f"xvlm/model_configs/{name}.json" for name in list_models()}                # the registry travels as data
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "xvlm = xvlm.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
@@ -94,6 +97,10 @@ def test_installed_wheel_grounds_with_the_shipped_model(wheel, tmp_path):
                       cwd=tmp_path)
     module, weights = r.stdout.split()
     assert Path(module).is_relative_to(tmp_path / "venv") and Path(weights).is_relative_to(tmp_path / "venv")
+    r = run_installed(python, "-c", "import xvlm; print(' '.join(xvlm.list_models())); "
+                                    "print(xvlm.create_model('bench-tiny').cfg.vision.kind)", cwd=tmp_path)
+    from xvlm.registry import list_models
+    assert r.stdout.split() == list_models() + ["vit"], r.stderr
     r = run_installed(tmp_path / "venv" / "bin" / "xvlm", "ground", str(IMAGE), "a red circle", "--json",
                       "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

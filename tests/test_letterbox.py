@@ -12,9 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from xvlm import Grounder
-from xvlm.bench import tiny_grounder
 from xvlm.box_ops import cxcywh_to_xyxy
-from xvlm.config import IMAGE_MEAN, IMAGE_STD, VisionConfig, XVLMConfig
+from xvlm.config import IMAGE_MEAN, IMAGE_STD, ViTVisionConfig, XVLMConfig
 from xvlm.models import XVLM, box_patch_mask, concept_cls
 from xvlm.preprocess import Canvas, Tokenizer, image_to_tensor
 from xvlm.render import overlay_heatmap
@@ -87,14 +86,14 @@ def test_a_50_to_1_panorama_becomes_a_one_row_strip():
 
 def test_vision_config_rejects_unknown_resize_and_old_configs_squash():
     with pytest.raises(ValueError, match="resize"):
-        VisionConfig(resize="stretch")
+        ViTVisionConfig(resize="stretch")
     assert XVLMConfig.from_dict({"vision": {"kind": "vit"}}).vision.resize == "squash"
 
 
 # --- the Grounder on a letterboxing model --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def letterboxed(tmp_path_factory) -> Grounder:
-    g = tiny_grounder("cpu", tmp_path_factory.mktemp("lb"))
+def letterboxed(tmp_path_factory, make_tiny_grounder) -> Grounder:
+    g = make_tiny_grounder(tmp_path_factory.mktemp("lb"))
     cfg = dataclasses.replace(g.model.cfg, vision=dataclasses.replace(g.model.cfg.vision, resize="letterbox"))
     torch.manual_seed(0)
     return Grounder(XVLM(cfg), g.tokenizer, device="cpu")

@@ -3,32 +3,28 @@
 request is rejected with its readable message, and the encoding cache stays within its bound."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gradio_client")
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("xvlm_loadtest", ROOT / "benchmarks" / "loadtest.py")
-loadtest = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = loadtest           # dataclasses look their module up there
-_spec.loader.exec_module(loadtest)
-
 CACHE_BOUND = 4          # smaller than the distinct images sent, so the short run evicts
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def loadtest(load_script):
+    return load_script("benchmarks/loadtest.py")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, loadtest):
     return loadtest.run_loadtest(requests=24, clients=4, model="fixture", cache_entries=CACHE_BOUND, n_images=6,
                                  big=False, timeout=240, startup_timeout=600,
                                  workdir=tmp_path_factory.mktemp("loadtest"), log=lambda *a: None)
 
 
-def test_plan_covers_every_kind():
+def test_plan_covers_every_kind(loadtest):
     inputs = {"valid": [loadtest.ValidImage("a.png", (1, 1))], "tiny": loadtest.ValidImage("t.png", (1, 1)),
               "corrupt": "c.png", "truncated": "t.png", "bomb": "b.png"}
     plan = loadtest.plan_requests(24, inputs, seed=0)
@@ -73,7 +69,7 @@ def test_cache_stays_within_its_bound_and_memory_is_sampled(result):
     assert mem["samples"] > 0 and mem["rss_end_mb"] > 0 and mem["rss_high_water_mb"] >= mem["rss_end_mb"] - 1
 
 
-def test_latencies_and_report(result, tmp_path):
+def test_latencies_and_report(result, tmp_path, loadtest):
     lat = result["latency"]
     assert 0 < lat["p50_s"] <= lat["p95_s"] <= lat["max_s"] and math.isfinite(lat["max_s"])
     text = loadtest.table(result)

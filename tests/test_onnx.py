@@ -32,9 +32,8 @@ def exported(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def official() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu")
+def official(official_grounder) -> Grounder:
+    return official_grounder
 
 
 @pytest.fixture

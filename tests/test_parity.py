@@ -25,9 +25,8 @@ TOL = 5e-6
 
 
 @pytest.fixture(scope="module")
-def grounder() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu")
+def grounder(official_grounder) -> Grounder:
+    return official_grounder
 
 
 def fresh(g: Grounder) -> Grounder:

@@ -21,8 +21,8 @@ PHRASES = ["The RED circle on the left.", "a zebra next to the smallest green tr
 
 
 @pytest.fixture(scope="module")
-def fp32() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", **KW)
+def fp32(official_grounder) -> Grounder:
+    return official_grounder
 
 
 def test_fp32_is_the_default(fp32):

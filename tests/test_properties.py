@@ -40,9 +40,8 @@ def examples(n: int) -> settings:
 
 
 @pytest.fixture(scope="module")
-def grounder() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu")
+def grounder(official_grounder) -> Grounder:
+    return official_grounder
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,8 @@ def test_official_box_conversion_and_iou():
     assert official_iou([0, 0, 10, 10], [10, 0, 10, 10]) == 0.0
 
 
-def test_evaluation_counts_hits_per_split(dataset):
-    g = Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
+def test_evaluation_counts_hits_per_split(dataset, x2vlm_grounder):
+    g = x2vlm_grounder
     refer = Refer.load(dataset, "refcoco+", "unc")
     records = json.loads((dataset / "refcoco+_test.json").read_text())
     report = evaluate(g, records, refer, dataset / "images", progress=False)

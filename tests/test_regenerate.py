@@ -1,25 +1,14 @@
 """scripts/regenerate.py: the card's generated blocks come from the eval reports, and nothing else changes."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("regenerate", ROOT / "scripts" / "regenerate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_card_blocks_are_the_shipped_reports():
+def test_the_card_blocks_are_the_shipped_reports(load_script):
     """The card's generated blocks are exactly what the script makes of weights/eval*.json (run it after an eval)."""
-    script = _script()
+    script = load_script("scripts/regenerate.py")
     blocks = script.generated_blocks(json.loads(script.EVAL_JSON.read_text()), json.loads(script.CROSS_JSON.read_text()))
     card = script.CARD.read_text()
     assert script.update_card(card, blocks) == card
@@ -28,8 +17,8 @@ def test_the_card_blocks_are_the_shipped_reports():
     assert "shape only" in blocks["cross-renderer"]
 
 
-def test_update_card_replaces_only_the_named_blocks():
-    script = _script()
+def test_update_card_replaces_only_the_named_blocks(load_script):
+    script = load_script("scripts/regenerate.py")
     card = ("intro\n<!-- begin generated: a -->\nold a\n<!-- end generated: a -->\nmiddle\n"
             "<!-- begin generated: b -->\nold b\nmore\n<!-- end generated: b -->\nend\n")
     new = script.update_card(card, {"b": "new b"})
@@ -38,8 +27,8 @@ def test_update_card_replaces_only_the_named_blocks():
         script.update_card(card, {"c": "x"})
 
 
-def test_dry_run_lists_the_commands(capsys):
-    script = _script()
+def test_dry_run_lists_the_commands(capsys, load_script):
+    script = load_script("scripts/regenerate.py")
     assert script.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "--probe --json" in out and "--cross-renderer 300 --cross-only" in out and "make_assets.py" in out

@@ -43,7 +43,7 @@ def test_plain_bicubic_would_not_reproduce_them():
 
 
 @pytest.fixture(scope="module")
-def loaded_at_window_12(tmp_path_factory) -> Grounder:
+def loaded_at_window_12(tmp_path_factory, load_official) -> Grounder:
     """The window-7 checkpoint the official code saved: the fixture checkpoint with the window-7 tables (the generator
     asserted that every other weight is the fixture checkpoint's; the derived buffers are rebuilt on loading)."""
     state = {k: v for k, v in read_official_state_dict(SMALL / "checkpoint.pth").items()
@@ -51,8 +51,7 @@ def loaded_at_window_12(tmp_path_factory) -> Grounder:
     state.update(TABLES_W7)
     path = tmp_path_factory.mktemp("w7") / "checkpoint_w7.pth"
     torch.save({"model": state}, path)
-    return Grounder.from_official(path, config=SMALL / "Grounding_bbox.yaml", tokenizer=SMALL / "vocab.txt",
-                                  device="cpu")
+    return load_official(path)
 
 
 def test_window_7_checkpoint_loads_into_window_12_with_the_official_tables(loaded_at_window_12):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xvlm import Grounder, GroundingResult
+from xvlm import GroundingResult
 from xvlm.render import PALETTE, color_for, draw_boxes, heatmap_figure, overlay_heatmap, save_figure
 
 torch.set_num_threads(1)
@@ -156,10 +156,8 @@ def test_overlay_heatmap_box_outline_and_aspect():
 
 # --- heatmap_figure ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def grounded():
-    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                               device="cpu")
-    return g.ground(IMAGE, ["the red circle", "blue rectangle"])
+def grounded(official_grounder):
+    return official_grounder.ground(IMAGE, ["the red circle", "blue rectangle"])
 
 
 def test_heatmap_figure_axes_and_titles(grounded, tmp_path):

@@ -25,9 +25,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def g() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu", cache_entries=32, name="official-small")
+def g(load_official) -> Grounder:
+    return load_official(cache_entries=32, name="official-small")
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +215,8 @@ def test_empty_gallery_is_a_clear_error_and_writes_nothing(g, tmp_path):
         g.index_images([], tmp_path / "idx")
 
 
-def test_an_index_from_another_model_is_refused_naming_both(built, tmp_path):
-    from xvlm.bench import tiny_grounder
-    other = tiny_grounder("cpu", tmp_path)
+def test_an_index_from_another_model_is_refused_naming_both(built, tmp_path, make_tiny_grounder):
+    other = make_tiny_grounder(tmp_path)
     with pytest.raises(gindex.IndexError_, match=r"built by model 'official-small'.*not by 'tiny \(random weights\)'"):
         other.search(built, "a red circle")
     before = (built / "manifest.json").read_bytes()

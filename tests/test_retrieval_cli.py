@@ -98,11 +98,10 @@ def test_index_with_only_unreadable_files_is_an_empty_gallery(capsys, tmp_path):
     assert not (tmp_path / "idx" / "manifest.json").exists()
 
 
-def test_torchrun_shards_merge_into_the_single_process_index(tmp_path):
-    from xvlm.bench import tiny_grounder
+def test_torchrun_shards_merge_into_the_single_process_index(tmp_path, make_tiny_grounder):
     from xvlm.checkpoint import save_pretrained
 
-    g = tiny_grounder("cpu", tmp_path)
+    g = make_tiny_grounder(tmp_path)
     model_dir = tmp_path / "tiny"
     save_pretrained(g.model, model_dir)
     shutil.copy(g.tokenizer.vocab_file, model_dir / "vocab.txt")

@@ -18,9 +18,8 @@ F = Path(__file__).parent / "fixtures" / "official-xvlm-small"
 
 
 @pytest.fixture(scope="module")
-def g() -> Grounder:
-    return Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                                  device="cpu", name="fixture")
+def g(load_official) -> Grounder:
+    return load_official(name="fixture")
 
 
 @pytest.fixture(scope="module")

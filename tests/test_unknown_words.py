@@ -98,8 +98,7 @@ def test_app_states_what_the_model_knows_and_its_measured_accuracy(shapes, tmp_p
     assert "no eval report on file" in describe_knowledge(shapes, other)
 
 
-def test_an_open_vocabulary_model_says_so():
-    g = Grounder.from_official(F / "checkpoint.pth", config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
-                               device="cpu")
+def test_an_open_vocabulary_model_says_so(official_grounder):
+    g = official_grounder
     text = describe_knowledge(g)
     assert "open (WordPiece, 72 tokens)" in text and "no eval report" in text

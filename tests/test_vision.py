@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from xvlm.checkpoint import load_pretrained, save_pretrained
-from xvlm.config import VisionConfig, XVLMConfig
+from xvlm.config import ViTVisionConfig, XVLMConfig
 from xvlm.models.vision import VisionEncoder, concept_cls
 from xvlm.models.xvlm import XVLM
 from xvlm.training.recipes import RECIPES, model_config
 
 torch.set_num_threads(1)
-TINY = VisionConfig(kind="vit", image_res=64, patch_size=16, width=32, depth=1, heads=2)
+TINY = ViTVisionConfig(image_res=64, patch_size=16, width=32, depth=1, num_heads=2)
 
 
-def embed_change_per_patch(cfg: VisionConfig) -> torch.Tensor:
+def embed_change_per_patch(cfg: ViTVisionConfig) -> torch.Tensor:
     """How much each patch's embedding moves when one pixel at the right edge of patch (0, 0) changes."""
     torch.manual_seed(0)
     encoder = VisionEncoder(cfg).eval()

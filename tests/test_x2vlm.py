@@ -32,8 +32,8 @@ ITC_ITM = ("vision_proj.", "text_proj.", "temp", "itm_head.")
 
 
 @pytest.fixture(scope="module")
-def grounder() -> Grounder:
-    return Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
+def grounder(x2vlm_grounder) -> Grounder:
+    return x2vlm_grounder
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ def yaml_at(tmp_path: Path, image_res: int) -> Path:
 def test_task_yaml_is_read_as_x2vlm_and_beit2_sizes_come_from_the_checkpoint(grounder):
     cfg = from_official_yaml(YAML)
     # the file name says 'base', so the official preset (and our reading of the YAML alone) says 12 blocks, 12 heads
-    assert (cfg.vision.kind, cfg.vision.depth, cfg.vision.heads, cfg.vision.width) == ("beit2", 12, 12, 192)
+    assert (cfg.vision.kind, cfg.vision.depth, cfg.vision.num_heads, cfg.vision.width) == ("beit2", 12, 12, 192)
     assert (cfg.text.num_hidden_layers, cfg.text.fusion_layer, cfg.text.hidden_size) == (5, 3, 128)
     assert (cfg.punctuation, cfg.append_sep) == ("space", True)
     v = grounder.model.cfg.vision
-    assert (v.depth, v.heads, v.grid_size) == (4, 3, 14)       # the checkpoint's 4 blocks of 3 heads
+    assert (v.depth, v.num_heads, v.grid_size) == (4, 3, 14)   # the checkpoint's 4 blocks of 3 heads
     assert grounder.model.heads == ("itc", "itm", "bbox")
     assert grounder.capabilities == {"box": True, "itc": True, "itm": True, "gradcam": True}
 
@@ -117,8 +117,8 @@ def test_official_grounding_yaml_reads_like_the_large_grounding_preset(tmp_path)
 def test_x2vlm_presets_are_data_for_the_released_files():
     base, large = get_preset("x2vlm-base-4m"), get_preset("x2vlm-large-1b")
     assert get_preset("x2vlm-base-1b") == base and get_preset("x2vlm-large-4m") == large
-    assert (base.vision.width, base.vision.depth, base.vision.heads, base.vision.image_res) == (768, 12, 12, 224)
-    assert (large.vision.width, large.vision.depth, large.vision.heads) == (1024, 24, 16)
+    assert (base.vision.width, base.vision.depth, base.vision.num_heads, base.vision.image_res) == (768, 12, 12, 224)
+    assert (large.vision.width, large.vision.depth, large.vision.num_heads) == (1024, 24, 16)
     assert set(base.heads) == {"itc", "itm", "bbox", "mlm"}
     for name, cfg in PRESETS.items():
         assert XVLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg    # plain data, JSON round trip
@@ -291,7 +291,7 @@ def test_a_checkpoint_of_another_width_is_refused_clearly(tmp_path, state):
     vision.write_text(json.dumps({"ckpt": "", "vision_width": 768, "patch_size": 16}))
     cfg |= {"vision_config": str(vision), "text_encoder": str(TEXT)}
     (tmp_path / "wide.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(CheckpointError, match="BEiT-2 vision width of 192, the config says 768"):
+    with pytest.raises(CheckpointError, match="vision.width: the checkpoint has 192, the config says 768"):
         Grounder.from_official(X2 / "checkpoint.pth", config=tmp_path / "wide.yaml", tokenizer=TEXT, device="cpu")
 
 

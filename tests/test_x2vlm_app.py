@@ -22,8 +22,8 @@ CASES = json.loads((X2 / "cases.json").read_text())["cases"]
 
 
 @pytest.fixture(scope="module")
-def grounder() -> Grounder:
-    return Grounder.from_official(X2 / "checkpoint.pth", config=YAML, tokenizer=TEXT, device="cpu")
+def grounder(x2vlm_grounder) -> Grounder:
+    return x2vlm_grounder
 
 
 def test_selector_names_the_family_of_official_files(tmp_path):
@@ -91,4 +91,4 @@ def test_cli_reports_a_preset_that_does_not_fit_in_one_line(capsys):
     rc = cli_main(["ground", str(X2 / "img_a.png"), "a red circle", "--checkpoint", str(X2 / "checkpoint.pth"),
                    "--preset", "x2vlm-base-4m", "--tokenizer", str(TEXT), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "width of 192, the config says 768" in err[0]
+    assert rc == 2 and len(err) == 1 and "vision.width: the checkpoint has 192, the config says 768" in err[0]

@@ -16,11 +16,12 @@ and the memory it takes (RSS on CPU, torch.cuda allocations on GPU). Timings are
 
 Models (`--models`, comma separated):
     default   the shipped model (weights/xvlm-shapes, `Grounder.from_pretrained()`); skipped with a message if absent
-    base      X-VLM base size with random weights: Swin-B 384 + BERT-base 6+6, heads itc/itm/bbox (the released
-              RefCOCO+ models' shape); the tokenizer is a synthetic 30522-token WordPiece vocab (no download)
-    x2base    X²-VLM base size with random weights at the same 384 px: BEiT-2 base (24x24 patches of 16 px) + BERT-base
-              12+6, heads itc/itm/bbox; same synthetic vocab
-    tiny      a tiny random model for smoke tests
+    base      X-VLM base size with random weights (registry model `bench-xvlm-base`): Swin-B 384 + BERT-base 6+6,
+              heads itc/itm/bbox (the released RefCOCO+ models' shape); the tokenizer is a synthetic 30522-token
+              WordPiece vocab (no download)
+    x2base    X²-VLM base size with random weights at the same 384 px (`bench-x2vlm-base`): BEiT-2 base (24x24
+              patches of 16 px) + BERT-base 12+6, heads itc/itm/bbox; same synthetic vocab
+    tiny      a tiny random model for smoke tests (`bench-tiny`)
     DIR       any folder saved by `save_pretrained`
 """
 from __future__ import annotations
@@ -234,53 +235,41 @@ def _tokenizer(vocab: Path, cfg):
 
 def base_grounder(device, workdir: Path):
     """X-VLM base size (Swin-B 384 + BERT-base 6+6, heads itc/itm/bbox), random weights."""
-    from .config import get_preset
     from .grounder import Grounder
-    from .models import XVLM
+    from .registry import create_model
 
     torch.manual_seed(0)
-    cfg = get_preset("xvlm-base-refcoco-bbox").with_heads(("itc", "itm", "bbox"))
-    model = XVLM(cfg)
-    tok = _tokenizer(write_synthetic_vocab(workdir / "vocab-base"), cfg)
+    model = create_model("bench-xvlm-base")
+    tok = _tokenizer(write_synthetic_vocab(workdir / "vocab-base"), model.cfg)
     return Grounder(model, tok, device=device, name="xvlm-base (random weights)")
 
 
 def x2base_grounder(device, workdir: Path):
     """X²-VLM base size at 384 px (BEiT-2 base + BERT-base 12+6, heads itc/itm/bbox), random weights: the base
     pre-trained preset at the grounding resolution, beside `base_grounder`."""
-    import dataclasses
-
-    from .config import get_preset
     from .grounder import Grounder
-    from .models import XVLM
+    from .registry import create_model
 
     torch.manual_seed(0)
-    cfg = get_preset("x2vlm-base-4m").with_heads(("itc", "itm", "bbox"))
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_res=384))
-    tok = _tokenizer(write_synthetic_vocab(workdir / "vocab-base"), cfg)
-    return Grounder(XVLM(cfg), tok, device=device, name="x2vlm-base 384px (random weights)")
-
-
-def tiny_config(vocab_size: int):
-    from .config import TextConfig, VisionConfig, XVLMConfig
-
-    return XVLMConfig(vision=VisionConfig(kind="vit", image_res=64, patch_size=16, width=32, depth=1, heads=2),
-                      text=TextConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, fusion_layer=1,
-                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64),
-                      embed_dim=16, heads=("itc", "itm", "bbox"))
+    model = create_model("bench-x2vlm-base")
+    tok = _tokenizer(write_synthetic_vocab(workdir / "vocab-base"), model.cfg)
+    return Grounder(model, tok, device=device, name="x2vlm-base 384px (random weights)")
 
 
 def tiny_grounder(device, workdir: Path):
-    """A tiny random model (ViT 64px / 4x4 patches, 2-layer BERT of width 32) for smoke tests."""
+    """A tiny random model (`bench-tiny`: ViT 64px / 4x4 patches, 2-layer BERT of width 32) for smoke tests, with
+    a vocabulary of the benchmark's phrases."""
+    import dataclasses
+
     from .grounder import Grounder
-    from .models import XVLM
     from .preprocess import write_wordpiece_vocab
+    from .registry import create_model, get_model_config
 
     vocab = write_wordpiece_vocab({w for p in PHRASES for w in p.split()}, workdir / "vocab-tiny" / "vocab.txt")
-    n_tokens = len(vocab.read_text().splitlines())
+    cfg = get_model_config("bench-tiny")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(vocab.read_text().splitlines())))
     torch.manual_seed(0)
-    cfg = tiny_config(n_tokens)
-    return Grounder(XVLM(cfg), _tokenizer(vocab, cfg), device=device, name="tiny (random weights)")
+    return Grounder(create_model(cfg), _tokenizer(vocab, cfg), device=device, name="tiny (random weights)")
 
 
 def pretrained_grounder(device, path: Path | None):

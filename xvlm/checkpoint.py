@@ -13,13 +13,19 @@ encoder. Buffers that are derived from the config (`relative_position_index`, `a
 rebuilt, and `relative_position_bias_table` is resized when the window (Swin) or patch grid (BEiT-2) differs, with
 the official routine (`xvlm.relpos`), as the official fine-tuning resizes the 224-px pre-trained tables for its 384-px
 model. Every other key must match exactly: anything missing, unexpected or mis-shaped is reported in one clear error.
+Before building the model, `infer_config` reads what the state dict's shapes determine (the CLIP way), checks the
+config against it, takes the fields the config source cannot know from it, and says which fields the shapes cannot
+tell (`LoadReport`, as `model.load_report`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +39,7 @@ from .relpos import resize_rel_pos_table
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "embeddings.position_ids")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -109,13 +116,14 @@ def load_official(path: str | Path, cfg: XVLMConfig) -> XVLM:
 
 
 def load_official_state(state: dict[str, torch.Tensor], cfg: XVLMConfig, source: str = "checkpoint") -> XVLM:
-    """`load_official` on a state dict already in memory."""
+    """`load_official` on a state dict already in memory. What the checkpoint's shapes said about the config, and
+    what they could not say, is `model.load_report` (and one log line)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    heads = detect_heads(state)
-    if not heads:
-        raise CheckpointError(f"{source} has none of the X-VLM heads (vision_proj, itm_head, bbox_head, mlm)")
-    model = build_uninitialised(fit_to_state(cfg, state, source).with_heads(heads))
+    cfg, report = infer_config(cfg, state, source)
+    model = build_uninitialised(cfg)
     load_state_strict(model, official_filter_fn(state, model), source)
+    model.load_report = report
+    log.info("%s", report.summary())
     return model.eval()
 
 
@@ -137,20 +145,125 @@ def build_uninitialised(cfg: XVLMConfig) -> XVLM:
     return model
 
 
-def fit_to_state(cfg: XVLMConfig, state: dict[str, torch.Tensor], source: str = "checkpoint") -> XVLMConfig:
-    """BEiT-2 depth and heads read from the checkpoint's shapes, where the official code hard-codes them by the
-    words base/large in a file name; width and patch size are checked (a mismatch is a wrong config, not a guess)."""
-    if cfg.vision.kind != "beit2":
-        return cfg
-    try:
-        shape = beit2.shape_from_state(state)
-    except KeyError as e:
-        raise CheckpointError(f"{source} does not fit a BEiT-2 config: {e.args[0]}") from None
-    for name, ours in (("width", cfg.vision.width), ("patch_size", cfg.vision.patch_size)):
-        if shape[name] != ours:
-            raise CheckpointError(f"{source} has a BEiT-2 vision {name} of {shape[name]}, the config says {ours}")
-    vision = dataclasses.replace(cfg.vision, depth=shape["depth"], heads=shape["heads"])
-    return dataclasses.replace(cfg, vision=vision)
+@dataclass(frozen=True)
+class LoadReport:
+    """What an official checkpoint's shapes said about its configuration (the CLIP way: `clip.build_model` reads
+    every size from the state dict). `read`: each config field the shapes determine, with its value (the config
+    agreed, or took the checkpoint's value where `adopted` says so). `adopted`: field -> (the config's value, the
+    checkpoint's), where the config source cannot know (which heads a file carries; BEiT-2 depth and heads, which the
+    official code picks by a file name's word base/large). `not_inferred`: field -> why the shapes cannot tell it;
+    the config's value is used."""
+    source: str
+    read: dict[str, Any]
+    adopted: dict[str, tuple[Any, Any]]
+    not_inferred: dict[str, str]
+
+    def summary(self) -> str:
+        taken = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in self.adopted.items()) or "nothing"
+        return (f"{self.source}: {len(self.read)} config fields read from the checkpoint's shapes (taken from it: "
+                f"{taken}); from the config, not inferable: {', '.join(self.not_inferred)}")
+
+
+# Config fields no official state dict determines, and why (the config's value is used).
+NOT_INFERABLE = {
+    "text.num_attention_heads": "query/key/value weights are square: every divisor of the width fits",
+    "text.layer_norm_eps": "not stored in the weights",
+    "max_tokens": "text preprocessing, not in the weights",
+    "max_words": "text preprocessing, not in the weights",
+    "punctuation": "text preprocessing, not in the weights",
+    "append_sep": "text preprocessing, not in the weights",
+}
+NOT_INFERABLE_VISION = {
+    "swin": {"vision.image_res": "no absolute position table; the attention masks are rebuilt for the config's size",
+             "vision.window_size": "relative position tables are resized to the config's window (the official "
+                                   "fine-tuning load does the same)"},
+    "beit2": {"vision.image_res": "no absolute position table; relative position tables are resized to the config's "
+                                  "patch grid"},
+}
+
+
+def shapes_from_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, Any]:
+    """Config fields (dotted names) an official state dict determines by its tensors' shapes: text sizes, the
+    fusion start, the ITC dimension, the vision encoder's sizes, and which heads it carries."""
+    state = {k.removeprefix("module.").replace("text_encoder.bert.", "text_encoder."): v for k, v in state.items()}
+    read: dict[str, Any] = {"heads": detect_heads(state)}
+    words = state.get("text_encoder.embeddings.word_embeddings.weight")
+    if words is not None:
+        read["text.vocab_size"], read["text.hidden_size"] = (int(n) for n in words.shape)
+    for field_, key in (("text.max_position_embeddings", "position_embeddings"),
+                        ("text.type_vocab_size", "token_type_embeddings")):
+        if (t := state.get(f"text_encoder.embeddings.{key}.weight")) is not None:
+            read[field_] = int(t.shape[0])
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.", k))}
+    if layers:
+        read["text.num_hidden_layers"] = max(layers) + 1
+        fusion = sorted(int(m.group(1)) for k in state
+                        if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.self\.key\.weight", k)))
+        if fusion:
+            read["text.fusion_layer"] = fusion[0]
+            read["vision.width"] = int(state[f"text_encoder.encoder.layer.{fusion[0]}.crossattention.self.key.weight"]
+                                       .shape[1])
+        if (t := state.get("text_encoder.encoder.layer.0.intermediate.dense.weight")) is not None:
+            read["text.intermediate_size"] = int(t.shape[0])
+    if (t := state.get("vision_proj.weight")) is not None:
+        read["embed_dim"] = int(t.shape[0])
+    blocks: dict[int, set[int]] = {}
+    for k in state:
+        if m := re.match(r"vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.", k):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if kind == "swin" and blocks and (t := state.get("vision_encoder.patch_embed.proj.weight")) is not None:
+        stages = range(len(blocks))
+        read["vision.embed_dim"] = int(t.shape[0])
+        read["vision.depths"] = tuple(len(blocks[i]) for i in stages)
+        read["vision.num_heads"] = tuple(
+            int(state[f"vision_encoder.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]) for i in stages)
+        read["vision.patch_size"] = int(t.shape[-1]) * 2 ** (len(blocks) - 1)
+    elif kind == "beit2":
+        try:
+            shape = beit2.shape_from_state(state)
+        except KeyError:
+            shape = {}
+        read |= {f"vision.{k}": v for k, v in shape.items()}
+    return read
+
+
+# Fields the checkpoint decides over the config (see LoadReport.adopted), besides which heads it carries.
+ADOPTED = {"beit2": ("vision.depth", "vision.num_heads")}
+
+
+def infer_config(cfg: XVLMConfig, state: dict[str, torch.Tensor],
+                 source: str = "checkpoint") -> tuple[XVLMConfig, LoadReport]:
+    """`cfg` checked against (and, for the `ADOPTED` fields, completed from) an official state dict's shapes. A field
+    the shapes determine and the config gets wrong is an error naming both values (a wrong config, not a guess)."""
+    kind = cfg.vision.kind
+    read = shapes_from_state(state, kind)
+    if not read["heads"]:
+        raise CheckpointError(f"{source} has none of the X-VLM heads (vision_proj, itm_head, bbox_head, mlm)")
+    if kind == "beit2" and "vision.depth" not in read:
+        raise CheckpointError(f"{source} does not fit a BEiT-2 config: no BEiT-2 vision encoder under "
+                              f"'vision_encoder.' (blocks.N.{beit2.TABLE_SUFFIX}, patch_embed.proj)")
+    adopted, wrong, values = {}, [], {}
+    for name, value in read.items():
+        ours = _get(cfg, name)
+        if ours == value or (name == "heads" and set(ours) == set(value)):
+            continue
+        if name == "heads" or name in ADOPTED.get(kind, ()):
+            adopted[name], values[name] = (ours, value), value
+        else:
+            wrong.append(f"{name}: the checkpoint has {value}, the config says {ours}")
+    if wrong:
+        raise CheckpointError(f"{source} does not fit the config:\n  " + "\n  ".join(wrong))
+    vision = {k.removeprefix("vision."): v for k, v in values.items() if k.startswith("vision.")}
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision)).with_heads(read["heads"])
+    not_inferred = NOT_INFERABLE_VISION.get(kind, {}) | NOT_INFERABLE
+    return cfg, LoadReport(source, read, adopted, not_inferred)
+
+
+def _get(cfg: XVLMConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return tuple(obj) if isinstance(obj, list) else obj
 
 
 def save_pretrained(model: XVLM, directory: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass tree, built-in presets as data, and readers for the official YAML + JSON files.
+"""Model configuration: one dataclass tree (a vision section per encoder family), and readers for the official YAML
++ JSON files. The named models are data: `xvlm/model_configs/<name>.json`, read by `xvlm.registry`.
 
 The official code spreads a model's shape over a task YAML (`image_res`, `patch_size`, `embed_dim`, `temp`) and two
 JSON files it points to (`vision_config`, `text_config`). We fold them into one `XVLMConfig` so a model can be rebuilt
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,24 +27,12 @@ TRUNCATION_MODES = ("max_tokens", "positions")   # XVLMConfig.grounding_truncati
 
 @dataclass
 class VisionConfig:
-    kind: str = "swin"                 # 'swin' (official X-VLM), 'beit2' (official X²-VLM) or 'vit' (our small models)
+    """What every vision encoder has. A family's own fields live in its subclass (`VISION_FAMILIES`, chosen by
+    `kind`), so a new family is one class more and the others do not change."""
+    kind: str = field(default="", init=False)
     image_res: int = 384
     patch_size: int = 32               # size of one final-stage token in input pixels (Swin: 4 * 2**(stages-1))
     width: int = 1024                  # channels of the final tokens (official `vision_width`)
-    # Swin
-    embed_dim: int = 128
-    depths: tuple[int, ...] = (2, 2, 18, 2)
-    num_heads: tuple[int, ...] = (4, 8, 16, 32)
-    window_size: int = 12
-    # ViT and BEiT-2 (X²-VLM: timm's Beit with per-block relative position bias, layer scale, q/v biases, no absolute
-    # position embedding; patch_size 16, width = embed dim)
-    depth: int = 12
-    heads: int = 12
-    # 'patch': one linear projection per patch (ViT, official). 'conv': stride-2 3x3 convolutions down to the patch
-    # grid (Xiao et al. 2021, "Early convolutions help transformers see better"). Our small ViT trained from scratch
-    # learned colour but hardly any shape through a linear patchify: `python -m xvlm eval --probe` reads an object's
-    # shape from its concept 37% of the time (majority class 29%); with the conv stem 63% (weights/README.md).
-    stem: str = "patch"
     # How an image becomes image_res x image_res: 'squash' (official: bicubic resize, aspect ratio lost) or
     # 'letterbox' (fit and pad with the mean colour, `preprocess.Canvas`). Squashing a 2:1 image halves its
     # horizontal extents, so for our shapes model a square and a rectangle could look the same (weights/README.md).
@@ -54,6 +44,9 @@ class VisionConfig:
     convert: str = "official"
 
     def __post_init__(self):
+        if type(self) is VisionConfig:
+            raise TypeError(f"VisionConfig is the part every family shares: build one of "
+                            f"{[c.__name__ for c in VISION_FAMILIES.values()]} or VisionConfig.from_dict")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"vision.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.convert not in CONVERT_MODES:
@@ -62,6 +55,78 @@ class VisionConfig:
     @property
     def grid_size(self) -> int:
         return self.image_res // self.patch_size
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "VisionConfig":
+        """The family's class for `d["kind"]` (default 'swin'). Also reads the single table that config.json files
+        had before the per-family sections (`legacy_vision_dict`): the other families' fields are dropped, and a
+        ViT's or BEiT-2's `heads` is its `num_heads`."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        kind = d.pop("kind", "swin")
+        if kind not in VISION_FAMILIES:
+            raise ValueError(f"unknown vision encoder kind {kind!r}; known: {sorted(VISION_FAMILIES)}")
+        family = VISION_FAMILIES[kind]
+        own = {f.name for f in dataclasses.fields(family) if f.init}
+        if "heads" in d and kind != "swin":
+            d["num_heads"] = d["heads"]
+        d = {k: v for k, v in d.items() if k in own or k not in _LEGACY_FIELDS}
+        unknown = set(d) - own
+        if unknown:
+            raise ValueError(f"unknown {kind} vision config keys: {sorted(unknown)}")
+        return family(**d)
+
+
+@dataclass
+class SwinVisionConfig(VisionConfig):
+    """Swin (official X-VLM): `embed_dim` channels after the 4x4 patchify, doubled by each of the stages."""
+    kind: str = field(default="swin", init=False)
+    embed_dim: int = 128
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: tuple[int, ...] = (4, 8, 16, 32)     # attention heads per stage
+    window_size: int = 12
+
+
+@dataclass
+class ViTVisionConfig(VisionConfig):
+    """ViT (our small models; timm's VisionTransformer): width = embed dim, 2-D sin-cos positions to start from."""
+    kind: str = field(default="vit", init=False)
+    depth: int = 12
+    num_heads: int = 12
+    # 'patch': one linear projection per patch (ViT, official). 'conv': stride-2 3x3 convolutions down to the patch
+    # grid (Xiao et al. 2021, "Early convolutions help transformers see better"): a patch's token sees its
+    # neighbours' edges, which a linear patchify cannot (weights/README.md: what it did for reading shapes).
+    stem: str = "patch"
+
+
+@dataclass
+class Beit2VisionConfig(VisionConfig):
+    """BEiT-2 (official X²-VLM; timm's Beit with per-block relative position bias, layer scale, q/v biases, no absolute
+    position embedding): width = embed dim. The official code picks depth and heads by the word base/large in a file
+    name; `checkpoint.infer_config` reads them from the checkpoint."""
+    kind: str = field(default="beit2", init=False)
+    depth: int = 12
+    num_heads: int = 12
+
+
+VISION_FAMILIES: dict[str, type[VisionConfig]] = {
+    "swin": SwinVisionConfig, "vit": ViTVisionConfig, "beit2": Beit2VisionConfig}
+
+# The single vision table of config.json files written before the per-family sections, with its defaults.
+_LEGACY_FIELDS = {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "window_size": 12,
+                  "depth": 12, "heads": 12, "stem": "patch"}
+
+
+def legacy_vision_dict(vision: VisionConfig) -> dict[str, Any]:
+    """`vision` as the single table config.json files had before the per-family sections (every family's fields, the
+    others at their defaults; a ViT's or BEiT-2's attention heads as `heads`). `xvlm.index` fingerprints models by it,
+    so a gallery index keeps matching the model that built it."""
+    own = dataclasses.asdict(vision)
+    flat = {k: own.pop(k) for k in ("kind", "image_res", "patch_size", "width")}
+    if vision.kind != "swin":
+        own["heads"] = own.pop("num_heads")
+    flat.update({k: own.get(k, default) for k, default in _LEGACY_FIELDS.items()})
+    flat.update(resize=own["resize"], convert=own["convert"])
+    return flat
 
 
 @dataclass
@@ -82,13 +147,13 @@ class TextConfig:
 
 @dataclass
 class XVLMConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig = field(default_factory=SwinVisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 256
     temp: float = 0.07
     max_words: int = 30                # pre_caption truncation, as the official grounding evaluation
     max_tokens: int = 40
-    # Which heads the model has. Official checkpoints differ here: the RefCOCO+ bbox model has only the box head.
+    # Which heads (by name, `models.xvlm.HEADS`) the model has. Official checkpoints differ here: the RefCOCO+ bbox model has only the box head.
     heads: tuple[str, ...] = ("itc", "itm", "bbox")
     # Text preprocessing of the model family. X-VLM's pre_caption deletes punctuation and its tokenizer gives
     # `[CLS] tokens`; X²-VLM's pre_caption replaces punctuation by a space and its tokenizer appends [SEP].
@@ -125,7 +190,7 @@ class XVLMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "XVLMConfig":
         d = dict(d)
-        vision = VisionConfig(**_tuples(d.pop("vision", {})))
+        vision = VisionConfig.from_dict(d.pop("vision", {}))
         text = TextConfig(**d.pop("text", {}))
         if "heads" in d:
             d["heads"] = tuple(d["heads"])
@@ -140,46 +205,32 @@ class XVLMConfig:
         return dataclasses.replace(self, heads=tuple(heads))
 
 
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+class _Presets(Mapping):
+    """The official checkpoints' configurations by name: a read-only view of the model registry (`xvlm.registry`),
+    each lookup a fresh copy."""
+
+    def __getitem__(self, name: str) -> "XVLMConfig":
+        if name not in self.names():
+            raise KeyError(name)
+        from .registry import get_model_config
+        return get_model_config(name)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    @staticmethod
+    def names() -> list[str]:
+        from .registry import official_models
+        return official_models()
 
 
-BERT_BASE = TextConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, fusion_layer=6,
-                       num_attention_heads=12, intermediate_size=3072)
-SWIN_B_224 = VisionConfig(kind="swin", image_res=224, patch_size=32, width=1024, embed_dim=128,
-                          depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7)
-SWIN_B_384 = dataclasses.replace(SWIN_B_224, image_res=384, window_size=12)
+PRESETS: Mapping[str, "XVLMConfig"] = _Presets()
 
-# The released X-VLM configurations (https://github.com/zengyan-97/X-VLM#checkpoints), as data.
-PRESETS: dict[str, XVLMConfig] = {
-    # 4M / 16M pre-trained: `4m_base_model_state_step_199999.th`, `16m_base_model_state_step_199999.th`
-    "xvlm-base-4m": XVLMConfig(vision=SWIN_B_224, text=BERT_BASE, embed_dim=256, heads=("itc", "itm", "bbox", "mlm")),
-    "xvlm-base-16m": XVLMConfig(vision=SWIN_B_224, text=BERT_BASE, embed_dim=256, heads=("itc", "itm", "bbox", "mlm")),
-    # RefCOCO+ bbox fine-tuned (`refcoco_bbox/checkpoint_best.pth`): box head only.
-    "xvlm-base-refcoco-bbox": XVLMConfig(vision=SWIN_B_384, text=BERT_BASE, heads=("bbox",)),
-    # RefCOCO+ weakly-supervised (`refcoco/checkpoint_best.pth`): ITC/ITM heads, no box head.
-    "xvlm-base-refcoco-weakly": XVLMConfig(vision=SWIN_B_384, text=BERT_BASE, heads=("itc", "itm")),
-}
-
-# X²-VLM (https://github.com/zengyan-97/X2-VLM#checkpoints): BEiT-2 vision, one BERT of 12 text + 6 fusion layers
-# (`text_num_hidden_layers: 18`, `text_fusion_start_at: 12`), X²-VLM text preprocessing.
+# X²-VLM's text preprocessing (pre_caption replaces punctuation by a space; the tokenizer appends [SEP]).
 X2_TEXT = {"punctuation": "space", "append_sep": True}
-BEIT2_BASE_224 = VisionConfig(kind="beit2", image_res=224, patch_size=16, width=768, depth=12, heads=12)
-BEIT2_LARGE_224 = VisionConfig(kind="beit2", image_res=224, patch_size=16, width=1024, depth=24, heads=16)
-BEIT2_LARGE_384 = dataclasses.replace(BEIT2_LARGE_224, image_res=384)
-BERT_BASE_18 = dataclasses.replace(BERT_BASE, num_hidden_layers=18, fusion_layer=12)
-BERT_LARGE_18 = TextConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=18, fusion_layer=12,
-                           num_attention_heads=16, intermediate_size=4096)
-_X2_PRETRAINED = ("itc", "itm", "bbox", "mlm")
-PRESETS.update({
-    # pre-trained: `x2vlm_base_4m.th`, `x2vlm_base_1b.th`, `x2vlm_large_4m.th`, `x2vlm_large_1b.th` (224 px)
-    "x2vlm-base-4m": XVLMConfig(vision=BEIT2_BASE_224, text=BERT_BASE_18, heads=_X2_PRETRAINED, **X2_TEXT),
-    "x2vlm-base-1b": XVLMConfig(vision=BEIT2_BASE_224, text=BERT_BASE_18, heads=_X2_PRETRAINED, **X2_TEXT),
-    "x2vlm-large-4m": XVLMConfig(vision=BEIT2_LARGE_224, text=BERT_LARGE_18, heads=_X2_PRETRAINED, **X2_TEXT),
-    "x2vlm-large-1b": XVLMConfig(vision=BEIT2_LARGE_224, text=BERT_LARGE_18, heads=_X2_PRETRAINED, **X2_TEXT),
-    # RefCOCO+ bbox fine-tuned, 384 px: the checkpoint inside `x2vlm_large_1b_grounding.tar`; box head only.
-    "x2vlm-large-1b-grounding": XVLMConfig(vision=BEIT2_LARGE_384, text=BERT_LARGE_18, heads=("bbox",), **X2_TEXT),
-})
 
 
 def model_family(cfg: XVLMConfig) -> str:
@@ -200,8 +251,9 @@ def official_family(config: str | Path | None = None, preset: str | None = None)
 
 
 def get_preset(name: str) -> XVLMConfig:
+    """An official checkpoint's configuration (a fresh copy)."""
     try:
-        return dataclasses.replace(PRESETS[name])
+        return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
@@ -233,10 +285,10 @@ def from_official_yaml(yaml_path: str | Path, heads: tuple[str, ...] | None = No
     vj = json.loads(_resolve(cfg["vision_config"], yaml_path.parent).read_text())
     tj = json.loads(_resolve(cfg["text_config"], yaml_path.parent).read_text())
     if cfg.get("use_swin", True):
-        vision = VisionConfig(kind="swin", image_res=int(cfg["image_res"]), patch_size=int(cfg["patch_size"]),
-                              width=int(vj["vision_width"]), embed_dim=int(vj["embed_dim"]),
-                              depths=tuple(vj["depths"]), num_heads=tuple(vj["num_heads"]),
-                              window_size=int(vj["window_size"]))
+        vision = SwinVisionConfig(image_res=int(cfg["image_res"]), patch_size=int(cfg["patch_size"]),
+                                  width=int(vj["vision_width"]), embed_dim=int(vj["embed_dim"]),
+                                  depths=tuple(vj["depths"]), num_heads=tuple(vj["num_heads"]),
+                                  window_size=int(vj["window_size"]))
         if vj.get("image_res", vision.image_res) != vision.image_res:
             raise ValueError(f"image_res differs between {yaml_path} and its vision config")
     else:
@@ -252,9 +304,9 @@ def from_official_yaml(yaml_path: str | Path, heads: tuple[str, ...] | None = No
 
 
 # The official BEiT-2 presets (`models/beit2.py beit_{base,large}_patch16`), chosen by the official code from the
-# word base/large in the vision config's file name. `checkpoint.fit_to_state` replaces depth and heads by what a
+# word base/large in the vision config's file name. `checkpoint.infer_config` replaces depth and heads by what a
 # checkpoint's shapes say.
-BEIT2_SIZES = {"base": {"depth": 12, "heads": 12}, "large": {"depth": 24, "heads": 16}}
+BEIT2_SIZES = {"base": {"depth": 12, "num_heads": 12}, "large": {"depth": 24, "num_heads": 16}}
 
 
 def x2vlm_from_official_yaml(yaml_path: Path, cfg: dict, heads: tuple[str, ...] | None = None) -> XVLMConfig:
@@ -273,8 +325,8 @@ def x2vlm_from_official_yaml(yaml_path: Path, cfg: dict, heads: tuple[str, ...] 
                          f"{cfg['patch_size']})")
     # neither word in the name: the official code refuses; the checkpoint's shapes decide anyway
     size = next((v for k, v in BEIT2_SIZES.items() if k in str(cfg["vision_config"])), BEIT2_SIZES["base"])
-    vision = VisionConfig(kind="beit2", image_res=int(cfg["image_res"]), patch_size=int(cfg["patch_size"]),
-                          width=int(vj["vision_width"]), **size)
+    vision = Beit2VisionConfig(image_res=int(cfg["image_res"]), patch_size=int(cfg["patch_size"]),
+                               width=int(vj["vision_width"]), **size)
     tj = json.loads(_resolve(str(Path(cfg["text_encoder"]) / "config.json"), yaml_path.parent).read_text())
     if tj.get("hidden_act", "gelu") != "gelu":
         raise NotImplementedError(f"hidden_act {tj['hidden_act']!r} is not supported")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import legacy_vision_dict
 from .preprocess import InputError, image_to_tensor
 
 FORMAT = "xvlm-gallery-index"
@@ -53,7 +54,7 @@ def model_identity(g) -> dict:
     if m is None:
         from .grounder import NO_ITC
         raise RuntimeError(f"an index needs ITC features: {NO_ITC}")
-    cfg = m.cfg.to_dict()
+    cfg = m.cfg.to_dict() | {"vision": legacy_vision_dict(m.cfg.vision)}   # the form indexes were first built with
     h = hashlib.sha256(json.dumps({k: cfg[k] for k in FEATURE_CONFIG_KEYS}, sort_keys=True).encode())
     state = m.state_dict()
     patch = next(k for k in state if k.startswith("vision_encoder.") and state[k].dim() >= 2)

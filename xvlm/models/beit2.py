@@ -15,16 +15,16 @@ import re
 import torch
 from timm.models.beit import Beit
 
-from ..config import VisionConfig
+from ..config import Beit2VisionConfig
 
 EXTRA_TOKENS = 3          # non-spatial rows at the end of each relative position bias table
 TABLE_SUFFIX = "attn.relative_position_bias_table"
 
 
-def build_backbone(cfg: VisionConfig) -> Beit:
+def build_backbone(cfg: Beit2VisionConfig) -> Beit:
     """The official `build_vision_encoder(use_beit_v2=True)` arguments (drop rates only matter for training)."""
     return Beit(img_size=cfg.image_res, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                num_heads=cfg.heads, mlp_ratio=4.0, qkv_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                num_heads=cfg.num_heads, mlp_ratio=4.0, qkv_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=True,
                 init_values=0.1, drop_path_rate=0.1, num_classes=0, global_pool="avg", use_fc_norm=True)
 
 
@@ -40,7 +40,7 @@ def table_rows(grid: int) -> int:
 
 
 def shape_from_state(state: dict[str, torch.Tensor], prefix: str = "vision_encoder.") -> dict[str, int]:
-    """Depth, heads, width and patch size of an official BEiT-2 state dict, read from its shapes (the official code
+    """Depth, attention heads, width and patch size of an official BEiT-2 state dict, read from its shapes (the official code
     hard-codes them by the words base/large in the vision config's file name). Heads: the columns of a relative
     position bias table."""
     blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
@@ -48,5 +48,5 @@ def shape_from_state(state: dict[str, torch.Tensor], prefix: str = "vision_encod
     patch = state.get(f"{prefix}patch_embed.proj.weight")
     if not blocks or table is None or patch is None:
         raise KeyError(f"no BEiT-2 vision encoder under {prefix!r} (blocks.N.{TABLE_SUFFIX}, patch_embed.proj)")
-    return {"depth": max(blocks) + 1, "heads": int(table.shape[1]), "width": int(patch.shape[0]),
+    return {"depth": max(blocks) + 1, "num_heads": int(table.shape[1]), "width": int(patch.shape[0]),
             "patch_size": int(patch.shape[-1])}

@@ -15,7 +15,7 @@ from timm.layers import HybridEmbed
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
-from ..config import VisionConfig
+from ..config import VisionConfig, ViTVisionConfig
 from . import beit2
 
 
@@ -34,7 +34,7 @@ class VisionEncoder(nn.Module):
         elif cfg.kind == "vit":
             self.backbone = timm_vit.VisionTransformer(
                 img_size=cfg.image_res, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                num_heads=cfg.heads, mlp_ratio=4.0, qkv_bias=True, class_token=False, global_pool="avg",
+                num_heads=cfg.num_heads, mlp_ratio=4.0, qkv_bias=True, class_token=False, global_pool="avg",
                 num_classes=0, drop_path_rate=0.05, embed_layer=_patch_embedding(cfg))
             # 2-D sin-cos positions (as MAE) to start from: X-VLM's fusion attends to image tokens without positions
             # of their own, so the box can only be read off position carried by the tokens. A from-scratch learned
@@ -68,7 +68,7 @@ class VisionEncoder(nn.Module):
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
 
 
-def _patch_embedding(cfg: VisionConfig):
+def _patch_embedding(cfg: ViTVisionConfig):
     """timm's ViT embedding layer for `cfg.stem`: its linear patchify, or a convolutional stem whose last stride-2
     convolution lands on the patch grid with `width` channels (16, 32, ... channels before it; BatchNorm + ReLU)."""
     if cfg.stem == "patch":

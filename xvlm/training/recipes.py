@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import TextConfig, VisionConfig, XVLMConfig
+from ..config import XVLMConfig
 from ..data.synthetic import REFEXP_KINDS
+from ..registry import get_model_config
 
 
 @dataclass
@@ -45,38 +46,11 @@ class Recipe:
 
 ALL_KINDS = ("object", "region") + REFEXP_KINDS   # the phrase kinds a stage can select
 
-# merge: replace by xvlm.registry.get_model_config (these three are the registry's `shapes`, `shapes-grid16` and
-# `shapes-tiny`)
-_SHAPES = XVLMConfig(
-    # conv stem: the encoder learns shapes, not only colours. Squashed input, as the official code (letterboxing lost
-    # rectangles and small objects). convert="composite": uploads are read as a viewer shows them; the synthetic
-    # corpus is plain RGB, so training is the same either way.
-    vision=VisionConfig(kind="vit", image_res=192, patch_size=16, width=192, depth=6, heads=3, stem="conv",
-                        convert="composite"),
-    text=TextConfig(vocab_size=0, hidden_size=192, num_hidden_layers=4, fusion_layer=2, num_attention_heads=3,
-                    intermediate_size=768, max_position_embeddings=64,
-                    # no dropout: every step sees fresh scenes, so the small model underfits rather than overfits
-                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-    embed_dim=128, temp=0.07, max_tokens=24, heads=("itc", "itm", "bbox", "mlm"))
-_MODELS: dict[str, XVLMConfig] = {
-    "shapes": _SHAPES,
-    # a 16x16 grid (256 px, same patches and stem): reads shapes better per step, but a step costs 1.69x
-    "shapes-grid16": dataclasses.replace(_SHAPES, vision=dataclasses.replace(_SHAPES.vision, image_res=256)),
-    "shapes-tiny": dataclasses.replace(
-        _SHAPES, vision=dataclasses.replace(_SHAPES.vision, image_res=64, width=32, depth=1, heads=2),
-        text=dataclasses.replace(_SHAPES.text, hidden_size=32, num_attention_heads=2, intermediate_size=64),
-        embed_dim=16),
-}
-
-
 def model_config(recipe: Recipe) -> XVLMConfig:
     """The configuration of the model a recipe trains (before the run sets its vocabulary)."""
     if isinstance(recipe.model, XVLMConfig):
         return recipe.model
-    # merge: replace by xvlm.registry.get_model_config
-    if recipe.model not in _MODELS:
-        raise ValueError(f"unknown model {recipe.model!r}; known: {sorted(_MODELS)}")
-    return _MODELS[recipe.model]
+    return get_model_config(recipe.model)      # the registry: xvlm/model_configs/<name>.json
 
 
 RECIPES: dict[str, Recipe] = {
