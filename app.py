@@ -16,7 +16,7 @@ Options (each also an environment variable, the flag wins):
     --host, --port, --share               where to serve (default 127.0.0.1:7860; 0.0.0.0 on a Space)
 Each model is warmed up with one query on a blank image when it loads, so the first user does not wait for it.
 Models named by flags come first in the model selector (the first one is selected); the default model follows when
-present. Limits (phrases, upload size, queue) are in app/callbacks.py.
+present. Limits (phrases, upload size, queue) are in xvlm/limits.py.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import argparse
 import os
 import sys
 
-from app.callbacks import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE
 from app.models import ModelRegistry, ModelUnavailable, missing_default_message, options_from_env, specs_from_options
+from xvlm.limits import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE
 
 
 def parse_args(argv=None, env=None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from xvlm.grounder import Grounder
+from xvlm.limits import MAX_CANDIDATES
 from xvlm.preprocess import InputError
 from xvlm.render import draw_boxes, overlay_heatmap
 
@@ -24,7 +25,6 @@ from .analysis_cells import verdict_cell
 CF_HEADERS = ["edit", "phrase", "change", "box IoU with original", "ITM", "Δ ITM", "Δ ITC image", "Δ ITC region",
               "found"]
 REGION_HEADERS = ["rank", "candidate phrase", "ITC with the region"]
-MAX_CANDIDATES = 256
 CF_OVERLAY_EDITS = 5           # edits drawn on the overlay besides the original: those whose box moved most
 
 

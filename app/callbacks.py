@@ -1,18 +1,9 @@
 """The demo's callbacks: pure functions of (grounder, inputs) -> outputs, testable without a server.
 
-Limits (the one place they are defined; `app/ui.py` and `app.py` read them from here):
-    MAX_PHRASES        = 16          phrases (non-empty lines) grounded per request; more are refused with a message
-    MAX_PHRASE_CHARS   = 1000        characters per phrase (the model reads at most 30 words and its token budget)
-    MAX_TEXT_CHARS     = 20_000      characters in the whole phrase box, checked before splitting it into lines
-    MAX_IMAGE_PIXELS   = 40_000_000  decoded pixels of an uploaded image (refused before decoding; 40 MP)
-    MAX_FILE_SIZE      = "25mb"      upload size, enforced by the server (`launch(max_file_size=...)`)
-    DISPLAY_MAX_SIDE   = 1024        rendered outputs are drawn on a copy no larger than this (boxes are rescaled)
-    DISPLAY_MIN_SIDE   = 512         ... and no smaller than this (tiny images are enlarged for display)
-    QUEUE_CONCURRENCY  = 2           requests computed at the same time (`queue(default_concurrency_limit=...)`)
-    QUEUE_MAX_SIZE     = 32          requests waiting in the queue; more are refused by Gradio ("queue is full")
-
-Every user-facing failure is an `InputError` / `ModelUnavailable` turned into a readable message: `ground_and_render`
-never raises; `ground_json` (the API) raises `InputError` with the message, which the UI layer turns into `gr.Error`.
+Every limit (phrases, characters, pixels, upload size, queue) is defined in `xvlm/limits.py`; the names are
+re-exported here for the page and its tests. Every user-facing failure is an `InputError` / `ModelUnavailable` turned
+into a readable message: `ground_and_render` never raises; `ground_json` (the API) raises `InputError` with the
+message, which the UI layer turns into `gr.Error`.
 """
 from __future__ import annotations
 
@@ -36,20 +27,18 @@ from PIL import Image, UnidentifiedImageError
 
 from xvlm.config import model_family
 from xvlm.grounder import NO_BOX, NO_ITC, NO_ITM, Grounder, GroundingResult
-from xvlm.preprocess import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, InputError, check_phrase, decode_image, pre_caption
+from xvlm.limits import (MAX_FILE_SIZE, MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, MAX_PHRASES, MAX_TEXT_CHARS,
+                         QUEUE_CONCURRENCY, QUEUE_MAX_SIZE)
+from xvlm.postprocess import default_gradcam_layer
+from xvlm.preprocess import InputError, check_phrase, decode_image, pre_caption
 from xvlm.render import color_for, draw_boxes, itc_color_range, overlay_heatmap
 from xvlm.vocabulary import NOTE_KEY as UNKNOWN
 
 from .analysis_cells import SCORE_COLUMNS, score_cells
 from .knowledge import describe_knowledge, unknown_word_warning
 
-MAX_PHRASES = 16
-MAX_TEXT_CHARS = 20_000
-MAX_FILE_SIZE = "25mb"
-DISPLAY_MAX_SIDE = 1024
+DISPLAY_MAX_SIDE = 1024          # rendered outputs are drawn on a copy no larger than this (boxes are rescaled)
 DISPLAY_MIN_SIDE = 512           # smaller images are enlarged (nearest neighbour) for display
-QUEUE_CONCURRENCY = 2
-QUEUE_MAX_SIZE = 32
 JSON_MAX_AGE_S = 3600            # downloadable JSON files older than this are removed from the output folder
 
 GRANULARITIES = ("image", "region", "objects")
@@ -136,25 +125,23 @@ def parse_phrases(text) -> list[str]:
     return phrases
 
 
+
+
 def fusion_layers(g: Grounder) -> list[int]:
-    """Text-encoder layers with cross-attention (where Grad-CAM can be read)."""
-    t = _itm_cfg(g).text
-    return list(range(t.fusion_layer, t.num_hidden_layers))
+    """Text-encoder layers with cross-attention in the ITM model (where Grad-CAM can be read); [] without ITM."""
+    m = g.itm_model
+    return [] if m is None else list(range(m.cfg.text.fusion_layer, m.cfg.text.num_hidden_layers))
 
 
-def default_layer(g: Grounder) -> int:
-    t = _itm_cfg(g).text
-    return t.fusion_layer + (t.num_hidden_layers - t.fusion_layer) // 2
+def default_layer(g: Grounder) -> int | None:
+    """The Grad-CAM layer `g.gradcam` uses when not told (None without an ITM head)."""
+    m = g.itm_model
+    return None if m is None else default_gradcam_layer(m.cfg)
 
 
 def layer_choices(g: Grounder) -> list[tuple[str, int]]:
     layers = fusion_layers(g)
     return [(f"layer {L} (fusion {k + 1}/{len(layers)})", L) for k, L in enumerate(layers)]
-
-
-def _itm_cfg(g: Grounder):
-    m = g.model if ("itm" in g.model.heads or g.scorer is None) else g.scorer
-    return m.cfg
 
 
 def capability_notes(g: Grounder) -> dict[str, str]:
@@ -234,105 +221,139 @@ def ground_and_render(g: Grounder, image, phrases_text, granularity: str = "imag
         return View.error(f"something went wrong ({type(e).__name__}: {_short(str(e), 300)})")
 
 
+@dataclass
+class _Request:
+    """A checked request: what the model reads and how the page shows it."""
+    phrases: list[str]
+    image: Image.Image               # RGB, as the model reads it (shown instead of the upload)
+    conversion: list[str]            # how that differs from the upload as a viewer shows it
+    granularity: str
+    alpha: float
+    layer: int | None                # the Grad-CAM layer; None: no Grad-CAM maps
+
+
+@dataclass
+class _Outcome:
+    """What the model computed for a request."""
+    results: list[GroundingResult]
+    gradcams: dict[int, np.ndarray]          # phrase index -> Grad-CAM map (phrases whose map was computed)
+    gradcam_errors: dict[int, str]           # phrase index -> why its map is missing
+    encoded: bool                            # the image went through the vision encoder (not from the cache)
+    seconds: float
+
+
 def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, out_dir, want_cam, progress) -> View:
     t0 = time.perf_counter()
+    req = _read_request(g, image, phrases_text, granularity, alpha, layer, want_cam)
+    out = _run_model(g, req, lock, progress, t0)
+    caps, missing = g.capabilities, capability_notes(g)
+    disp = _display_copy(req.image)
+    view = View(ok=True)
+    view.annotated = draw_boxes(disp, out.results) if caps["box"] else disp
+    view.box_note = missing.get("box", "")
+    view.itc_gallery, view.itc_note = (_itc_gallery(disp, out.results, req.granularity, req.alpha, caps)
+                                       if caps["itc"] else ([], missing["itc"]))
+    view.gradcam_gallery, view.gradcam_note = _gradcam_panel(g, disp, req, out, missing)
+    view.objects_table, view.objects_figure, view.objects_note = _objects_panel(caps, req, out, missing)
+    view.scores = _score_table(out.results)
+    view.payload = build_payload(g, req.image, out.results, granularity=req.granularity, alpha=req.alpha,
+                                 layer=req.layer, gradcams=out.gradcams if req.layer is not None else None,
+                                 gradcam_errors=out.gradcam_errors, conversion=req.conversion)
+    view.json_path = str(write_json(view.payload, out_dir))
+    view.message = _status(g, req, out, missing)
+    return view
+
+
+def _read_request(g, image, phrases_text, granularity, alpha, layer, want_cam) -> _Request:
+    """Check the inputs (text first: cheap, and nothing is decoded for a bad request); odd controls fall back to
+    their defaults; a Grad-CAM layer that is not a fusion layer is an InputError."""
+    phrases = parse_phrases(phrases_text)
+    pil, conversion = g.image_as_seen(read_image(image))
     granularity = granularity if granularity in GRANULARITIES else "image"
     alpha = float(np.clip(_finite(alpha, DEFAULT_ALPHA), 0.0, 1.0))
-    phrases = parse_phrases(phrases_text)      # text first: cheap, and no decoding for a bad request
-    pil, conversion = g.image_as_seen(read_image(image))     # what the model reads; shown instead of the upload
-    caps = g.capabilities
-    do_cam = caps["gradcam"] and bool(want_cam)
-    if do_cam:
+    if g.capabilities["gradcam"] and want_cam:
         layers = fusion_layers(g)
-        layer = default_layer(g) if layer is None or _finite(layer, None) is None else int(layer)
+        layer = default_layer(g) if _finite(layer, None) is None else int(layer)
         if layer not in layers:
             raise InputError(f"Grad-CAM layer must be one of the fusion layers {layers}, got {layer}")
     else:
         layer = None
+    return _Request(phrases, pil, conversion, granularity, alpha, layer)
 
-    passes0 = g.stats["vision_passes"]
-    gradcams: dict[int, np.ndarray] = {}
-    gradcam_errors: dict[int, str] = {}
+
+def _run_model(g, req: _Request, lock, progress, t0: float) -> _Outcome:
+    """Ground every phrase in one pass, then one Grad-CAM map per phrase (one failing map does not stop the rest)."""
+    n = len(req.phrases)
+    passes = g.stats["vision_passes"]
+    gradcams, errors = {}, {}
     with lock or nullcontext():
-        progress((0, len(phrases)), desc="grounding")
-        results = g.ground(pil, phrases)
-        if do_cam:
-            for i, p in enumerate(phrases):
-                progress((i, len(phrases)), desc=f"ITM Grad-CAM, phrase {i + 1} of {len(phrases)}")
-                try:
-                    cam = np.asarray(g.gradcam(pil, p, layer), dtype=np.float64)
-                    gradcams[i] = cam if np.isfinite(cam).all() else np.nan_to_num(cam)
-                    g.evidence_with_gradcam(results[i], gradcams[i])   # the box vs this map too
-                except Exception as e:  # one failing map must not hide the rest of the page
-                    gradcam_errors[i] = f"{type(e).__name__}: {_short(str(e), 200)}"
-    encoded = g.stats["vision_passes"] - passes0
-    t_model = time.perf_counter() - t0
+        progress((0, n), desc="grounding")
+        results = g.ground(req.image, req.phrases)
+        for i, p in enumerate(req.phrases if req.layer is not None else []):
+            progress((i, n), desc=f"ITM Grad-CAM, phrase {i + 1} of {n}")
+            try:
+                cam = np.asarray(g.gradcam(req.image, p, req.layer), dtype=np.float64)
+                gradcams[i] = cam if np.isfinite(cam).all() else np.nan_to_num(cam)
+                g.evidence_with_gradcam(results[i], gradcams[i])   # the box vs this map too
+            except Exception as e:  # one failing map must not hide the rest of the page
+                errors[i] = f"{type(e).__name__}: {_short(str(e), 200)}"
+    return _Outcome(results, gradcams, errors, g.stats["vision_passes"] > passes, time.perf_counter() - t0)
 
-    disp = _display_copy(pil)
-    missing = capability_notes(g)
-    view = View(ok=True)
 
-    # boxes
-    view.annotated = draw_boxes(disp, results) if caps["box"] else disp
-    view.box_note = missing.get("box", "")
+def _gradcam_panel(g, disp, req: _Request, out: _Outcome, missing) -> tuple[list, str]:
+    """The Grad-CAM gallery (each map scaled to its own peak on the image) and its note."""
+    if req.layer is None:
+        if g.capabilities["gradcam"]:
+            return [], "ITM Grad-CAM is switched off (tick *ITM Grad-CAM* to compute it)."
+        return [], missing["gradcam"]
+    items = []
+    for i, r in enumerate(out.results):
+        if i not in out.gradcams:
+            continue
+        cam = out.gradcams[i]
+        peak = float(cam[r.cells_on_image(cam.shape[0])].max())     # not a peak in the letterbox padding
+        img = overlay_heatmap(disp, cam, req.alpha, vmin=0.0, vmax=peak if peak > 0 else 1.0, box_xyxy=r.box_xyxy,
+                              color=color_for(i), box_image_size=r.image_size, grid_xyxy=r.canvas_xyxy)
+        items.append((img, f"{i + 1}. {_short(r.phrase, 60)} · ITM {_num(r.itm)}"))
+    note = (f"ITM Grad-CAM at text layer {req.layer}: where the match score's gradient flows through "
+            "cross-attention; each map is scaled to its own maximum (red = most).")
+    if out.gradcam_errors:
+        note += " Not computed for: " + "; ".join(
+            f"{i + 1}. {_short(req.phrases[i], 40)} ({msg})" for i, msg in out.gradcam_errors.items())
+    return items, note
 
-    # patch-ITC heatmaps at the chosen granularity
-    if caps["itc"]:
-        view.itc_gallery, view.itc_note = _itc_gallery(disp, results, granularity, alpha, caps)
-    else:
-        view.itc_note = missing["itc"]
 
-    # ITM Grad-CAM
-    if do_cam:
-        for i, r in enumerate(results):
-            if i in gradcams:
-                cam = gradcams[i]
-                peak = float(cam[r.cells_on_image(cam.shape[0])].max())     # not a peak in the letterbox padding
-                img = overlay_heatmap(disp, cam, alpha, vmin=0.0, vmax=peak if peak > 0 else 1.0,
-                                      box_xyxy=r.box_xyxy, color=color_for(i), box_image_size=r.image_size,
-                                      grid_xyxy=r.canvas_xyxy)
-                view.gradcam_gallery.append((img, f"{i + 1}. {_short(r.phrase, 60)} · ITM {_num(r.itm)}"))
-        view.gradcam_note = (f"ITM Grad-CAM at text layer {layer}: where the match score's gradient flows through "
-                             "cross-attention; each map is scaled to its own maximum (red = most).")
-        if gradcam_errors:
-            view.gradcam_note += " Not computed for: " + "; ".join(
-                f"{i + 1}. {_short(phrases[i], 40)} ({msg})" for i, msg in gradcam_errors.items())
-    elif caps["gradcam"]:
-        view.gradcam_note = "ITM Grad-CAM is switched off (tick *ITM Grad-CAM* to compute it)."
-    else:
-        view.gradcam_note = missing["gradcam"]
+def _objects_panel(caps, req: _Request, out: _Outcome, missing) -> tuple[dict | None, Any, str]:
+    """The phrase x box ITC matrix as a table, its figure (drawn only at the objects granularity, where it is
+    shown), and its note."""
+    if not (caps["box"] and caps["itc"]):
+        return None, None, missing["objects"]
+    phrases = req.phrases
+    matrix = np.array([r.itc_objects for r in out.results], dtype=np.float64)
+    table = {"headers": ["phrase \\ box"] + [f"box {j + 1}: {_short(p, 24)}" for j, p in enumerate(phrases)],
+             "data": [[f"{i + 1}. {_short(p, 40)}"] + [f"{v:.3f}" for v in row]
+                      for i, (p, row) in enumerate(zip(phrases, matrix))]}
+    figure = objects_figure(phrases, matrix) if req.granularity == "objects" else None
+    note = ("Each phrase's box is a visual concept (the mean of its patch tokens); cell (i, j) is the ITC cosine of "
+            "phrase i with box j. A good grounding has its largest value of each row on the diagonal.")
+    return table, figure, note
 
-    # phrase x box matrix (object granularity)
-    if caps["box"] and caps["itc"]:
-        matrix = np.array([r.itc_objects for r in results], dtype=np.float64)
-        view.objects_table = {"headers": ["phrase \\ box"] + [f"box {j + 1}: {_short(p, 24)}"
-                                                               for j, p in enumerate(phrases)],
-                              "data": [[f"{i + 1}. {_short(p, 40)}"] + [f"{v:.3f}" for v in row]
-                                       for i, (p, row) in enumerate(zip(phrases, matrix))]}
-        if granularity == "objects":      # the plot is only shown at this granularity
-            view.objects_figure = objects_figure(phrases, matrix)
-        view.objects_note = ("Each phrase's box is a visual concept (the mean of its patch tokens); cell (i, j) is "
-                             "the ITC cosine of phrase i with box j. A good grounding has its largest value of each "
-                             "row on the diagonal.")
-    else:
-        view.objects_note = missing["objects"]
 
-    view.scores = {"headers": SCORE_HEADERS, "data": [
+def _score_table(results: list[GroundingResult]) -> dict:
+    return {"headers": SCORE_HEADERS, "data": [
         [i + 1, r.phrase + (f"  ⚠️ unknown: {', '.join(r.notes[UNKNOWN])}" if UNKNOWN in r.notes else ""),
          _box_str(r.box_xyxy), _num(r.itc_image), _num(r.itc_region), _num(r.itm), *score_cells(r)]
         for i, r in enumerate(results)]}
 
-    view.payload = build_payload(g, pil, results, granularity=granularity, alpha=alpha, layer=layer,
-                                 gradcams=gradcams if do_cam else None, gradcam_errors=gradcam_errors,
-                                 conversion=conversion)
-    view.json_path = str(write_json(view.payload, out_dir))
 
-    notes = [f"Grounded {len(results)} phrase{'s' * (len(results) != 1)} on a {pil.width}x{pil.height} image in "
-             f"{t_model:.2f} s; "
-             + ("image encoded once and cached." if encoded else "image encoding **re-used from the cache** "
+def _status(g, req: _Request, out: _Outcome, missing) -> str:
+    """The status line: what was computed and how fast, then every note on a phrase, the image or a missing head."""
+    n, pil = len(out.results), req.image
+    notes = [f"Grounded {n} phrase{'s' * (n != 1)} on a {pil.width}x{pil.height} image in {out.seconds:.2f} s; "
+             + ("image encoded once and cached." if out.encoded else "image encoding **re-used from the cache** "
                 "(same pixels as before, only the text side was recomputed).")]
     max_words = getattr(g.tokenizer, "max_words", None)
-    for i, r in enumerate(results):
+    for i, r in enumerate(out.results):
         words = len(pre_caption(r.phrase, 10**9, getattr(g.tokenizer, "punctuation", "delete")).split())
         if max_words and words > max_words:
             notes.append(f"Phrase {i + 1}: the model reads only its first {max_words} words ({words} given).")
@@ -343,11 +364,10 @@ def _ground_and_render(g, image, phrases_text, granularity, alpha, layer, lock, 
                          "exported clipped to the image (`box_xyxy`; the JSON keeps `box_xyxy_unclipped`).")
         if warning := unknown_word_warning(i, r):
             notes.append(warning)
-    if conversion:
-        notes.append(conversion_message(conversion))
-    notes += [v for k, v in missing.items()]
-    view.message = "\n\n".join(notes)
-    return view
+    if req.conversion:
+        notes.append(conversion_message(req.conversion))
+    notes += list(missing.values())
+    return "\n\n".join(notes)
 
 
 def ground_json(g: Grounder, image, phrases_text, lock: threading.Lock | None = None) -> dict:

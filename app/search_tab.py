@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from xvlm.grounder import Grounder, note_text
+from xvlm.limits import MAX_GALLERY, MAX_HITS, MAX_RERANK
 from xvlm.preprocess import InputError, check_phrase
 from xvlm.retrieval import default_rerank
 
 from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-MAX_GALLERY = 64          # images per uploaded gallery (each is encoded once per model)
-MAX_K = 20
 DEFAULT_K = 6
 THUMB_SIDE = 320
 HEADERS = ["rank", "image", "ITM logit", "ITM", "ITC", "box (px)"]
@@ -81,7 +80,7 @@ def _files(files, use_examples: bool, assets_dir) -> list[Path]:
 
 def _run(g, files, phrase, k, rerank, indexes, lock, use_examples, assets_dir):
     phrase = check_phrase(phrase if isinstance(phrase, str) else "")
-    k = int(np.clip(int(k or DEFAULT_K), 1, MAX_K))
+    k = int(np.clip(int(k or DEFAULT_K), 1, MAX_HITS))
     paths = _files(files, use_examples, assets_dir)
     with lock or nullcontext():
         idx = indexes.get(g, paths)
@@ -208,8 +207,8 @@ def build_search_tab(registry, image_in, phrases_in, ground_event: dict, assets_
                 phrase = gr.Textbox(label="Phrase", placeholder="a red circle and a blue square",
                                     elem_id="search-phrase")
                 with gr.Row():
-                    k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="hits")
-                    rerank = gr.Slider(0, 64, value=_default_rerank(registry), step=1,
+                    k = gr.Slider(1, MAX_HITS, value=DEFAULT_K, step=1, label="hits")
+                    rerank = gr.Slider(0, MAX_RERANK, value=_default_rerank(registry), step=1,
                                        label="re-ranked by ITM (k_test; default: the model's)")
                 search_btn = gr.Button("Search", variant="primary", elem_id="search-btn")
             with gr.Column(scale=3):

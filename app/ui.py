@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 # No usage analytics: Gradio reports to api.gradio.app from Blocks() and launch() unless this is "False" (some of its
@@ -17,9 +18,12 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 
+from xvlm.limits import MAX_FILE_SIZE, MAX_PHRASES  # noqa: E402
+
 from . import callbacks as cb  # noqa: E402
 from .analysis_panel import HOW_TO_READ as ANALYSIS_HOW_TO_READ  # noqa: E402
 from .analysis_panel import build_analysis_panel  # noqa: E402
+from .guide import how_to_read  # noqa: E402
 from .models import ModelRegistry, ModelUnavailable  # noqa: E402
 from .search_tab import build_search_tab  # noqa: E402
 from .zerogpu import gpu  # noqa: E402
@@ -35,33 +39,7 @@ Type one phrase per line; each phrase gets a **box** (bbox head), a **patch-leve
 objects granularity) and an **ITM Grad-CAM** map. Model: X-VLM, *Multi-Grained Vision Language Pre-Training*
 (Zeng et al., ICML 2022)."""
 
-HOW_TO_READ = f"""
-**ITC (image-text contrastive).** The image and the phrase are encoded separately and projected into one small
-space (`vision_proj`, `text_proj`, L2-normalised). Their cosine similarity is the ITC score: high when the phrase
-describes what is seen. X-VLM computes it at three granularities:
-- *image*: the image's [CLS] feature (the mean of all patch tokens) vs. the phrase, shown as **ITC(image)**;
-- *region*: a box's **visual concept** vs. the phrase, shown as **ITC(region)** for the predicted box;
-- *objects*: every phrase's box is a concept; the phrase × box matrix tells whether each phrase prefers its own box.
-
-**The patch heatmap.** Each 32×32-pixel patch token of the model input is projected on its own and compared with
-the phrase: red patches look most like the phrase, blue least (one color scale shared by all phrases of a request).
-A region's concept is the **mean of its patch tokens, projected** (`vision_proj` is linear, so it is the mean of
-the projected patches before normalisation). ITC(region) is therefore close to, but not equal to, the average of
-the heatmap over the box's patches (the region view greys out the other patches): patches with larger features
-weigh more, and the result is normalised again.
-
-**ITM (image-text matching).** The phrase attends to the whole image through the fusion layers (cross-attention);
-the ITM head reads the fused [CLS] and gives the probability that image and phrase match. The **Grad-CAM** map shows
-which patches that decision used: cross-attention weights × their positive gradients, at the chosen fusion layer.
-
-**The bbox head.** From the same fused [CLS], it regresses the box (center, width, height) directly — there are no
-proposals. The box, ITM and ITC come from different heads: a box can be right while ITC is low, and vice versa.
-
-**Limits of this demo.** At most {cb.MAX_PHRASES} phrases of {cb.MAX_PHRASE_CHARS} characters per request;
-images up to {cb.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels and {cb.MAX_FILE_SIZE.upper()} per upload. The model reads at
-most 30 words of a phrase (and at most its token budget: 24 for the shipped model), lower-cased, without punctuation.
-Changing only the phrases re-uses the image's encoding.
-"""
+LOADING = "*loading the model…*"
 
 CSS = """
 #status {min-height: 1.5em}
@@ -90,11 +68,61 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def launch_kwargs() -> dict:
-    return {"max_file_size": cb.MAX_FILE_SIZE, "show_error": True, "theme": theme(), "css": CSS}
+    return {"max_file_size": MAX_FILE_SIZE, "show_error": True, "theme": theme(), "css": CSS}
 
 
 def _hidden(note: str):
     return gr.update(value=note, visible=bool(note))
+
+
+@dataclass(frozen=True)
+class GroundOutputs:
+    """The grounding view's output components by name, built once by `build_demo`. Its events list `components` and
+    their callbacks return `values(name=value, ...)`, a {component: value} dict: no output depends on its position,
+    and a value left out is an error rather than a shifted page."""
+    annotated: gr.Image
+    box_note: gr.Markdown
+    status: gr.Markdown
+    itc_note: gr.Markdown
+    itc_gallery: gr.Gallery
+    gradcam_note: gr.Markdown
+    gradcam_gallery: gr.Gallery
+    objects_panel: gr.Column
+    objects_note: gr.Markdown
+    objects_plot: gr.Plot
+    objects_table: gr.Dataframe
+    scores: gr.Dataframe
+    json_file: gr.File
+
+    @property
+    def components(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def values(self, **values) -> dict:
+        names = {f.name for f in fields(self)}
+        if set(values) != names:
+            raise TypeError(f"outputs missing: {sorted(names - set(values))}, unknown: {sorted(set(values) - names)}")
+        return {getattr(self, k): v for k, v in values.items()}
+
+
+def view_outputs(view: cb.View, granularity, out: GroundOutputs) -> dict:
+    """A callback's `View` -> {component: value} for the grounding view (the objects panel shows at its granularity)."""
+    if not view.ok:
+        return out.values(annotated=None, box_note=_hidden(""), status=view.message, itc_note="", itc_gallery=[],
+                          gradcam_note="", gradcam_gallery=[], objects_panel=gr.update(visible=False),
+                          objects_note="", objects_plot=None, objects_table=None, scores=None, json_file=None)
+    show_objects = granularity == "objects"
+    return out.values(annotated=view.annotated, box_note=_hidden(view.box_note), status=view.message,
+                      itc_note=view.itc_note, itc_gallery=view.itc_gallery, gradcam_note=view.gradcam_note,
+                      gradcam_gallery=view.gradcam_gallery, objects_panel=gr.update(visible=show_objects),
+                      objects_note=view.objects_note, objects_plot=view.objects_figure if show_objects else None,
+                      objects_table=view.objects_table if show_objects else None, scores=view.scores,
+                      json_file=view.json_path)
+
+
+def model_guide(g) -> str:
+    """The "How to read this" text for a loaded grounder (its box model's config; capabilities include a scorer)."""
+    return how_to_read(g.model.cfg, g.capabilities, g.name)
 
 
 def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
@@ -118,26 +146,29 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
                                         gradcam=bool(want_cam), progress=progress)
         if not view.ok:
             gr.Warning(view.message.replace("⚠️ ", "").replace("**", ""))
-        return _outputs(view, granularity)
+        return view_outputs(view, granularity, out)
 
     def rerun(model_name, image, phrases, granularity, alpha, layer, want_cam=True, progress=gr.Progress()):
         """A control changed: redraw if there is something to redraw, stay quiet otherwise."""
         if image is None or not isinstance(phrases, str) or not phrases.strip():
-            return [gr.skip()] * 13
+            return gr.skip()                     # every output unchanged
         return run(model_name, image, phrases, granularity, alpha, layer, want_cam, progress)
 
     @gpu
     def model_changed(model_name):
+        """The model line, the Grad-CAM layer selector and the "How to read this" text for the selected model."""
         try:
             g = registry.get(model_name)
         except ModelUnavailable as e:
             gr.Warning(str(e))
-            return f"⚠️ **{e}**", gr.update(choices=[], value=None, visible=False)
+            return {model_info: f"⚠️ **{e}**", layer: gr.update(choices=[], value=None, visible=False),
+                    guide: f"⚠️ **{e}**"}
         if g.capabilities["gradcam"]:
             layer_update = gr.update(choices=cb.layer_choices(g), value=cb.default_layer(g), visible=True)
         else:
             layer_update = gr.update(choices=[], value=None, visible=False)
-        return cb.describe_model(g, registry.model_dir(model_name)), layer_update
+        return {model_info: cb.describe_model(g, registry.model_dir(model_name)), layer: layer_update,
+                guide: model_guide(g)}
 
     @gpu
     def api_ground(image, phrases):
@@ -152,15 +183,17 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
         with gr.Row(equal_height=False):
             model_dd = gr.Dropdown(registry.names, value=registry.default, label="Model", scale=1,
                                    visible=len(registry) > 1, interactive=True)
-            model_info = gr.Markdown("*loading the model…*", elem_classes="note")
+            model_info = gr.Markdown(LOADING, elem_classes="note")
         with gr.Accordion("How to read this", open=False):
-            gr.Markdown(HOW_TO_READ + ANALYSIS_HOW_TO_READ)
+            guide = gr.Markdown(model_guide(registry.get(registry.default)) if registry.is_loaded(registry.default)
+                                else LOADING, elem_id="how-to-read")
+            gr.Markdown(ANALYSIS_HOW_TO_READ)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 image_in = gr.Image(sources=["upload", "clipboard", "webcam"], type="pil", image_mode=None,
                                     label="Image (upload, paste or webcam)", height=340, elem_id="image-in")
-                phrases_in = gr.Textbox(label=f"Phrases, one per line (at most {cb.MAX_PHRASES})", lines=3,
-                                        max_lines=cb.MAX_PHRASES, placeholder="the red circle\na small blue square",
+                phrases_in = gr.Textbox(label=f"Phrases, one per line (at most {MAX_PHRASES})", lines=3,
+                                        max_lines=MAX_PHRASES, placeholder="the red circle\na small blue square",
                                         elem_id="phrases-in")
                 with gr.Row():
                     clear_btn = gr.ClearButton(value="Clear")
@@ -215,10 +248,12 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
                       api_description="Ground phrases (one per line) in an image with the default model: boxes "
                                       "(pixels, xyxy), ITC (image, region, objects), ITM, patch heatmaps.")
 
+        out = GroundOutputs(annotated=annotated, box_note=box_note, status=status, itc_note=itc_note,
+                            itc_gallery=itc_gallery, gradcam_note=gradcam_note, gradcam_gallery=gradcam_gallery,
+                            objects_panel=objects_panel, objects_note=objects_note, objects_plot=objects_plot,
+                            objects_table=objects_table, scores=scores, json_file=json_file)
         inputs = [model_dd, image_in, phrases_in, granularity, alpha, layer, want_cam]
-        outputs = [annotated, box_note, status, itc_note, itc_gallery, gradcam_note, gradcam_gallery, objects_panel,
-                   objects_note, objects_plot, objects_table, scores, json_file]
-        ev = dict(fn=run, inputs=inputs, outputs=outputs, preprocess=False, api_visibility="private",
+        ev = dict(fn=run, inputs=inputs, outputs=out.components, preprocess=False, api_visibility="private",
                   concurrency_id="ground")
         submit.click(**ev)
         phrases_in.submit(**ev)
@@ -231,17 +266,7 @@ def build_demo(registry: ModelRegistry, assets_dir: str | Path = ASSETS,
             ex.load_input_event.then(**ev)
         clear_btn.add([image_in, phrases_in, annotated, status, itc_gallery, gradcam_gallery, scores, json_file])
         build_search_tab(registry, image_in, phrases_in, ev, assets_dir)   # app/search_tab.py
-        model_dd.change(model_changed, model_dd, [model_info, layer], api_visibility="private").then(**quiet)
-        demo.load(model_changed, model_dd, [model_info, layer], api_visibility="private")
+        model_outputs = [model_info, layer, guide]
+        model_dd.change(model_changed, model_dd, model_outputs, api_visibility="private").then(**quiet)
+        demo.load(model_changed, model_dd, model_outputs, api_visibility="private")
     return demo
-
-
-def _outputs(view: cb.View, granularity) -> list:
-    if not view.ok:
-        return [None, _hidden(""), view.message, "", [], "", [], gr.update(visible=False), "", None,
-                None, None, None]
-    show_objects = granularity == "objects"
-    return [view.annotated, _hidden(view.box_note), view.message, view.itc_note, view.itc_gallery,
-            view.gradcam_note, view.gradcam_gallery, gr.update(visible=show_objects), view.objects_note,
-            view.objects_figure if show_objects else None,
-            view.objects_table if show_objects else None, view.scores, view.json_path]

@@ -20,8 +20,8 @@ The clients (one `gradio_client.Client` per thread) send a fixed, seeded mix of 
     corrupt     random bytes named .png                             -> rejected "cannot read"
     truncated   half a PNG file                                     -> rejected "cannot read"
     bomb        a 100-byte PNG declaring 50000 x 50000 pixels       -> rejected "image too large" (nothing decoded)
-    huge        one 5,000-character line, or 30,000 characters      -> rejected "too long" / "too much text"
-    many        17..40 phrases                                       -> rejected "too many phrases"
+    huge        one 5,000-character line, or over MAX_TEXT_CHARS in all -> rejected "too long" / "too much text"
+    many        MAX_PHRASES+1 .. MAX_PHRASES+24 phrases (xvlm/limits.py) -> rejected "too many phrases"
     no_image    no image at all                                      -> rejected "No image"
 Each request is `completed` (valid, and the JSON is sane: one result per phrase, the image size, clipped boxes
 inside the image, finite scores), `rejected` (invalid, and the server answered with the expected readable message)
@@ -199,6 +199,8 @@ class Request:
 
 def plan_requests(n: int, inputs: dict, seed: int) -> list[Request]:
     """A seeded mix of the KINDS; every kind appears at least once when n >= len(KINDS)."""
+    from xvlm.limits import MAX_PHRASES, MAX_TEXT_CHARS
+
     rng = random.Random(seed + 1)
     kinds = list(KINDS)
     order = kinds[:n] + rng.choices(kinds, weights=[KINDS[k][0] for k in kinds], k=max(0, n - len(kinds)))
@@ -221,11 +223,11 @@ def plan_requests(n: int, inputs: dict, seed: int) -> list[Request]:
         elif kind in ("corrupt", "truncated", "bomb"):
             out.append(Request(i, kind, inputs[kind], rng.choice(PHRASES), expect))
         elif kind == "huge":
-            text = "a" * 5000 if rng.random() < 0.5 else ("the red circle " * 2000)
+            text = "a" * 5000 if rng.random() < 0.5 else ("the red circle " * (MAX_TEXT_CHARS // 15 + 1))
             out.append(Request(i, kind, img.path, text, expect))
         elif kind == "many":
-            out.append(Request(i, kind, img.path, "\n".join(rng.choice(PHRASES) for _ in range(rng.randint(17, 40))),
-                               expect))
+            n_many = rng.randint(MAX_PHRASES + 1, MAX_PHRASES + 24)
+            out.append(Request(i, kind, img.path, "\n".join(rng.choice(PHRASES) for _ in range(n_many)), expect))
         elif kind == "no_image":
             out.append(Request(i, kind, None, rng.choice(PHRASES), expect))
     return out
@@ -350,7 +352,7 @@ def serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from app.callbacks import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE
+    from xvlm.limits import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE
     from app.ui import build_demo, launch_kwargs, limit_malloc_arenas
 
     limit_malloc_arenas()                                                             # as app.py does

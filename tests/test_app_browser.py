@@ -1,6 +1,6 @@
 """The page in a real browser: Debian's chromium driven by Playwright. Clicks an example (it grounds at once), switches
-to the objects view and saves a screenshot to test-artifacts/app.png, uploads an image and grounds typed phrases, and
-sends a bad request."""
+to the objects view and saves a screenshot to test-artifacts/app.png, uploads an image and grounds typed phrases,
+sends a bad request, and reads the "How to read this" text written for the served model."""
 from __future__ import annotations
 
 import json
@@ -221,3 +221,11 @@ def test_analysis_panel_controls(page, tmp_path):
     page.locator("#wm-image img").first.wait_for(state="visible")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "analysis.png"), full_page=True)
+
+
+def test_how_to_read_describes_the_served_model(page):
+    """The fixture is an official-layout X-VLM (Swin, 384 px, 32-px final tokens; grounding up to 512 positions)."""
+    page.get_by_text("How to read this", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#how-to-read').innerText.includes('32×32-pixel patches')")
+    text = page.locator("#how-to-read").inner_text()
+    assert "12×12 grid" in text and "512 word pieces" in text and "fixture (random weights)" in text

@@ -37,7 +37,7 @@ from .preprocess import (Canvas, InputError, Pixels, Tokenizer, check_phrase, co
 from .vocabulary import note_unknown_words
 
 DEFAULT_WEIGHTS = default_weights()   # weights/xvlm-shapes of a checkout, or the installed package's copy (xvlm.hub)
-MAX_PHRASES = 32
+from .limits import MAX_PHRASES  # noqa: E402  (re-exported: `from xvlm.grounder import MAX_PHRASES`)
 
 NO_BOX = "the model has no bbox head (e.g. the weakly-supervised grounding checkpoint)"
 NO_ITC = "the model has no ITC head (vision_proj/text_proj), e.g. the RefCOCO+ bbox checkpoint; pair it with a scorer"

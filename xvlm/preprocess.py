@@ -19,10 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CONVERT_MODES, IMAGE_MEAN, IMAGE_STD, PUNCTUATION_MODES, RESIZE_MODES
-
-# A bound on decoded pixels: uploads beyond it are refused before decoding (decompression bombs included).
-MAX_IMAGE_PIXELS = 40_000_000
-MAX_PHRASE_CHARS = 1000
+from .limits import MAX_IMAGE_PIXELS, MAX_PHRASE_CHARS, phrase_tokens
 
 
 class InputError(ValueError):
@@ -369,8 +366,7 @@ class Tokenizer:
     def for_config(cls, vocab: str | Path, cfg) -> "Tokenizer":
         """The grounding tokenizer of a model of this `XVLMConfig`: its text preprocessing, and phrases cut at its
         `max_tokens` or, for official checkpoints (`grounding_truncation="positions"`), at the position table."""
-        limit = cfg.text.max_position_embeddings if cfg.grounding_truncation == "positions" else cfg.max_tokens
-        return cls(vocab, max_tokens=limit, max_words=cfg.max_words, punctuation=cfg.punctuation,
+        return cls(vocab, max_tokens=phrase_tokens(cfg), max_words=cfg.max_words, punctuation=cfg.punctuation,
                    append_sep=cfg.append_sep)
 
     @property

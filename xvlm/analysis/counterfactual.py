@@ -115,7 +115,7 @@ def _iou(a, b) -> float | None:
 
 def counterfactuals(g, image, phrase: str, kinds=None) -> Counterfactuals:
     """Ground the phrase and its edits (`edits`, optionally only `kinds`) as one batch."""
-    from ..grounder import MAX_PHRASES
+    from ..limits import MAX_PHRASES
     from ..preprocess import check_phrase
 
     phrase = check_phrase(phrase)

@@ -32,7 +32,7 @@ def default_candidates(tokenizer) -> list[str]:
 
 def describe_region(g, image, box_xyxy, candidates=None, top_k: int | None = None) -> list[RegionCandidate]:
     """Candidates ranked by ITC with the box's concept, best first. `box_xyxy`: pixels of the original image."""
-    from ..grounder import MAX_PHRASES
+    from ..limits import MAX_PHRASES
     from ..preprocess import InputError, check_phrase
 
     box = np.asarray(box_xyxy, dtype=np.float64).reshape(-1)

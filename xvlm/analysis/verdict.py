@@ -104,7 +104,7 @@ def score_scenes(g, scenes, seed: int, progress: bool = False) -> list[dict]:
     """One record per phrase: kind, present (bool), ITM score; one `ground` call per scene."""
     from tqdm import tqdm
 
-    from ..grounder import MAX_PHRASES
+    from ..limits import MAX_PHRASES
 
     records = []
     for i, scene in enumerate(tqdm(scenes, desc="present/absent phrases", disable=not progress, leave=False)):
