@@ -24,7 +24,7 @@ def _model_input(cfg: XVLMConfig, name: str | None) -> str:
     resize = ("squashed: resized without keeping its aspect ratio, as the official code does" if v.resize == "squash"
               else "letterboxed: fitted with its aspect ratio kept and padded with the mean colour; the padding cells "
                    "are not drawn and do not count in the maps' color scales")
-    merges = len(v.depths) - 1
+    merges = len(v.depths) - 1 if v.kind == "swin" else 0       # only Swin's config has stages
     token = (f" (Swin: 4×4-pixel patches merged 2×2 at each of its {merges} stage transitions)"
              if v.kind == "swin" and 4 * 2 ** merges == p else "")
     which = f"**{name}** ({model_family(cfg)})" if name else model_family(cfg)
