@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))           # run as a script: the client plans with xvlm.limits, the server is app/
 FIXTURE = ROOT / "tests" / "fixtures" / "official-xvlm-small"
 DEFAULT_WEIGHTS = ROOT / "weights" / "xvlm-shapes"      # xvlm.grounder.DEFAULT_WEIGHTS (not imported here: the
                                                         # client process stays free of torch)
@@ -347,7 +348,6 @@ def build_registry(model: str, device: str | None, cache_entries: int | None):
 def serve(args) -> int:
     """Child: the app on 127.0.0.1:PORT; prints READY, then samples memory and the cache until stdin closes."""
     os.environ.update(QUIET_ENV)
-    sys.path.insert(0, str(ROOT))
     import torch
 
     if args.threads:

@@ -32,6 +32,20 @@ def test_plan_covers_every_kind(loadtest):
     assert plan == loadtest.plan_requests(24, inputs, seed=0)            # seeded: the same mix every run
 
 
+def test_runs_as_a_script_from_anywhere(tmp_path):
+    """`python benchmarks/loadtest.py` (sys.path holds benchmarks/, not the repository) plans with xvlm.limits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "loadtest.py"
+    code = ("import runpy; m = runpy.run_path(%r); "
+            "print(len(m['plan_requests'](3, {'valid': [m['ValidImage']('a.png', (1, 1))], 'tiny': "
+            "m['ValidImage']('t.png', (1, 1)), 'corrupt': 'c', 'truncated': 't', 'bomb': 'b'}, 0)))" % str(script))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
+
+
 def test_nothing_fails(result):
     assert result["answered"] == result["requests"] == 24
     assert result["failed"] == 0, result["failures"]
