@@ -31,13 +31,13 @@ from . import precision as _precision
 from .checkpoint import load_official, load_pretrained
 from .config import PRESETS, XVLMConfig, from_official_yaml, get_preset
 from .hub import default_weights, resolve_model
+from .limits import MAX_PHRASES                      # re-exported: `from xvlm.grounder import MAX_PHRASES`
 from .models import XVLM, FusionKeysValues, ImageContext, PackedText
 from .preprocess import (Canvas, InputError, Pixels, Tokenizer, check_phrase, conversion_notes, decode_image,
                          image_to_tensor, load_image)
 from .vocabulary import note_unknown_words
 
 DEFAULT_WEIGHTS = default_weights()   # weights/xvlm-shapes of a checkout, or the installed package's copy (xvlm.hub)
-from .limits import MAX_PHRASES  # noqa: E402  (re-exported: `from xvlm.grounder import MAX_PHRASES`)
 
 NO_BOX = "the model has no bbox head (e.g. the weakly-supervised grounding checkpoint)"
 NO_ITC = "the model has no ITC head (vision_proj/text_proj), e.g. the RefCOCO+ bbox checkpoint; pair it with a scorer"
