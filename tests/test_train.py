@@ -521,3 +521,36 @@ def test_per_image_cross_attention_equals_attention_over_each_texts_own_tokens()
     theirs = torch.autograd.grad((reference * upstream).sum(), [hidden, cls, patches])
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_region_data_alone_is_refused_before_a_run_starts(tmp_path, capsys):
+    """The grounding stages take no 'region' phrases: region-format data alone gives their box loss nothing (it used
+    to crash in stage 2 with a bare max() error). The CLI says so, exit 2, before it creates the run folder."""
+    import json
+
+    from PIL import Image
+
+    from xvlm.data import official
+    from xvlm.training import cli
+    from xvlm.training.recipes import RECIPES
+    from xvlm.training.sources import ListSource
+
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
+    rec = {"image": "a.png", "caption": "a red square", "elems": [{"caption": "red square", "bb": [4, 4, 20, 20]}]}
+    (tmp_path / "reg.json").write_text(json.dumps([rec]))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--recipe", "shapes-tiny", "--data", str(tmp_path / "reg.json"), "--data-format", "region",
+                  "--image-root", str(tmp_path), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "grounding, grounding-fusion" in err and "--data-format grounding" in err
+    assert not out.exists()
+    source = ListSource(official.load_region_json(tmp_path / "reg.json", tmp_path), seed=0)
+    assert [s.name for s in cli.phraseless_stages(RECIPES["shapes-tiny"], source)] == ["grounding", "grounding-fusion"]
+    assert [s.name for s in cli.phraseless_stages(RECIPES["shapes-tiny"], source, start_stage="grounding-fusion")] == [
+        "grounding-fusion"]
+    grounding = {"image": "a.png", "text": "the red square", "bbox": [4, 4, 20, 20]}
+    (tmp_path / "g.json").write_text(json.dumps([grounding]))
+    g_source = ListSource(official.load_grounding_json(tmp_path / "g.json", tmp_path), seed=0)
+    assert cli.phraseless_stages(RECIPES["shapes-tiny"], g_source) == []

@@ -90,6 +90,17 @@ def source_from_args(args: argparse.Namespace, recipe: Recipe) -> ListSource | N
     return ListSource([s for f in args.data for s in loader(f, args.image_root)], recipe.seed)
 
 
+def phraseless_stages(recipe: Recipe, source: ListSource, start_stage: str | None = None) -> list:
+    """Stages (from `start_stage` on) whose phrase losses (box, whole-image ITM) would find no phrase in the user's
+    data: each stage takes only some phrase kinds (`Stage.takes`), e.g. the grounding stages take no 'region'
+    phrases, so region-format data alone gives them nothing to fit."""
+    kinds = {c.kind for s in source.samples for c in s.concepts}
+    names = [st.name for st in recipe.stages]
+    first = names.index(start_stage) if start_stage in names else 0
+    return [st for st in recipe.stages[first:]
+            if (st.loss_weights.get("bbox") or st.loss_weights.get("itm_image")) and not any(map(st.takes, kinds))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -97,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     recipe = recipe_from_args(p, args)
     source = source_from_args(args, recipe)
+    empty = phraseless_stages(recipe, source, args.start_stage) if source is not None else []
+    if empty:
+        p.error(f"--data ({args.data_format} format) has no phrase that stage(s) {', '.join(s.name for s in empty)} "
+                f"of recipe {args.recipe!r} train their box on (phrase kinds {sorted(empty[0].phrase_kinds)}); give "
+                "grounding-format data (--data-format grounding) for those stages, or a recipe without them")
     t0 = time.time()
     if args.init and not args.vocab:
         args.vocab = str(Path(args.init) / "vocab.txt")
