@@ -21,16 +21,21 @@ OFFICIAL_X2 = FIXTURES / "official-x2vlm-small"      # X²-VLM (BEiT-2)
 
 
 # --- official-code fixtures --------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def load_official():
-    """`load_official(checkpoint=None, **kw)`: a new Grounder on the X-VLM fixture (its task YAML and vocab, CPU);
-    keyword arguments override (name=, precision=, config=, ...)."""
+def _fixture_loader(folder: Path, config: str, tokenizer: str):
+    """`load(checkpoint=None, **kw)`: a new Grounder on an official-code fixture folder (its task YAML and tokenizer,
+    CPU); keyword arguments override (name=, precision=, config=, ...)."""
     from xvlm import Grounder
 
     def load(checkpoint=None, **kw):
-        kw = {"config": OFFICIAL / "Grounding_bbox.yaml", "tokenizer": OFFICIAL / "vocab.txt", "device": "cpu"} | kw
-        return Grounder.from_official(checkpoint or OFFICIAL / "checkpoint.pth", **kw)
+        kw = {"config": folder / config, "tokenizer": folder / tokenizer, "device": "cpu"} | kw
+        return Grounder.from_official(checkpoint or folder / "checkpoint.pth", **kw)
     return load
+
+
+@pytest.fixture(scope="session")
+def load_official():
+    """`load_official(checkpoint=None, **kw)`: a new Grounder on the X-VLM fixture (Grounding_bbox.yaml, vocab.txt)."""
+    return _fixture_loader(OFFICIAL, "Grounding_bbox.yaml", "vocab.txt")
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +47,8 @@ def official_grounder(load_official):
 @pytest.fixture(scope="session")
 def load_x2vlm():
     """`load_x2vlm(checkpoint=None, **kw)`: a new Grounder on the X²-VLM fixture (its grounding YAML and BERT
-    folder, CPU)."""
-    from xvlm import Grounder
-
-    def load(checkpoint=None, **kw):
-        kw = {"config": OFFICIAL_X2 / "refcoco_grounding.yaml", "tokenizer": OFFICIAL_X2 / "bert-base-uncased-tiny",
-              "device": "cpu"} | kw
-        return Grounder.from_official(checkpoint or OFFICIAL_X2 / "checkpoint.pth", **kw)
-    return load
+    folder)."""
+    return _fixture_loader(OFFICIAL_X2, "refcoco_grounding.yaml", "bert-base-uncased-tiny")
 
 
 @pytest.fixture(scope="module")
