@@ -275,6 +275,19 @@ def save_pretrained(model: XVLM, directory: str | Path) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
 
 
+def state_for_grid(src: XVLM, dst: XVLM) -> dict[str, torch.Tensor]:
+    """`src`'s weights for `dst`, a model of the same shapes but another ViT image size: the absolute position table is
+    resampled to `dst`'s patch grid (timm's `resample_abs_pos_embed`, bicubic: how ViTs are fine-tuned at a higher
+    resolution, and how X-VLM goes from 224 to 384 px). Any other difference is an error, as in a strict load."""
+    state = dict(src.state_dict())
+    key = "vision_encoder.backbone.pos_embed"
+    if key in state and src.cfg.vision.kind == "vit" and src.cfg.vision.grid_size != dst.cfg.vision.grid_size:
+        from timm.layers import resample_abs_pos_embed
+        g0, g1 = src.cfg.vision.grid_size, dst.cfg.vision.grid_size
+        state[key] = resample_abs_pos_embed(state[key], new_size=[g1, g1], old_size=[g0, g0], num_prefix_tokens=0)
+    return state
+
+
 def load_pretrained(directory: str | Path) -> XVLM:
     """Our format: `config.json` + `model.safetensors` (+ tokenizer files, read by the tokenizer)."""
     directory = Path(directory)

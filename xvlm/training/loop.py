@@ -173,8 +173,8 @@ def _restore(model: XVLM, ckpt_path: Path, recipe: Recipe, resume: bool, init, s
     names = [s.name for s in recipe.stages]
     if start_stage not in names:
         raise ValueError(f"--start-stage must be one of {names} with --init, got {start_stage!r}")
-    from ..checkpoint import load_pretrained
-    model.load_state_dict(load_pretrained(init).state_dict())
+    from ..checkpoint import load_pretrained, load_state_strict, state_for_grid
+    load_state_strict(model, state_for_grid(load_pretrained(init), model), str(init))
     start = stage_starts(recipe)[names.index(start_stage)]
     if rank == 0:
         print(f"initialised from {init}; starting at stage {start_stage} (step {start})")

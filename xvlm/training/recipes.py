@@ -126,3 +126,8 @@ RECIPES["shapes-varied"] = with_stage_steps(
 # The cheaper first step: stages 2 and 3 once more on the shipped 12x12 weights, drawn from the varied corpus (run
 # with --init weights/xvlm-shapes --start-stage grounding). It separates what the corpus buys from what the grid buys.
 RECIPES["shapes-varied-cycle"] = dataclasses.replace(second_cycle(RECIPES["shapes"], seed=2), corpus="varied")
+# The 16x16 grid without starting over: the shipped 12x12 weights with the position table resampled to the 16x16
+# grid (`checkpoint.state_for_grid`, as ViTs are fine-tuned at a higher resolution), then stages 2 and 3 on the
+# varied corpus. Run with --init weights/xvlm-shapes --start-stage grounding; stage 2 sized to fit one session.
+RECIPES["shapes-varied-grid16-cycle"] = with_stage_steps(
+    dataclasses.replace(second_cycle(RECIPES["shapes-grid16"], seed=3), corpus="varied"), grounding=3500)
