@@ -73,6 +73,15 @@ def test_eval_retrieval_command_prints_both_granularities(g, tmp_path, capsys, m
     assert np.isfinite(report["retrieval_protocol"]["region"]["r_mean"])
 
 
+def test_retrieval_with_a_number_is_refused_and_names_the_option_it_meant(capsys, monkeypatch):
+    """`--retrieval` runs the protocol; the grounding eval's candidate count is `--retrieval-candidates N`, and the
+    old `--retrieval N` spelling is refused before any model loads, naming it."""
+    monkeypatch.setattr(Grounder, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("model loaded")))
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--retrieval", "20"])
+    assert e.value.code == 2 and "--retrieval-candidates N" in capsys.readouterr().err
+
+
 def test_official_retrieval_test_file_gives_the_official_recall(capsys, tmp_path):
     """`eval --retrieval --re-json` on the fixture's re_test.json (the official re_eval_dataset format) with the
     fixture checkpoint: the recall the official Retrieval.py evaluation gave (stable tie order)."""

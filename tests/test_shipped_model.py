@@ -72,7 +72,7 @@ def test_the_eval_command_writes_the_reference_beside_its_report(tmp_path, refer
     depend on --scenes)."""
     from xvlm.evaluate import main
 
-    assert main(["--scenes", "2", "--retrieval", "2", "--device", "cpu", "--json", str(tmp_path / "eval.json")]) == 0
+    assert main(["--scenes", "2", "--retrieval-candidates", "2", "--device", "cpu", "--json", str(tmp_path / "eval.json")]) == 0
     written = json.loads((tmp_path / "eval_reference.json").read_text())
     assert written["weights_sha256"] == reference["weights_sha256"] and written["scenes"] == reference["scenes"]
     assert [c["phrase"] for c in written["cases"]] == [c["phrase"] for c in reference["cases"]]

@@ -391,11 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder (default: the shipped weights/xvlm-shapes)")
     p.add_argument("--scenes", type=int, default=300)
-    p.add_argument("--retrieval", type=int, nargs="?", const=-1, default=100,
-                   help="candidates per retrieval task; given without a number: only retrieval with X-VLM's protocol "
-                        "(ITM re-ranked TR/IR R@1/5/10 at image and region granularity, xvlm.retrieval_eval) on the "
-                        "first --scenes scenes")
-    p.add_argument("--k-test", type=int, help="with --retrieval alone: ITC candidates re-ranked by ITM (default 16)")
+    # One flag, one meaning: --retrieval runs the protocol; the grounding eval's ITC block has its own option.
+    p.add_argument("--retrieval", nargs="?", const=True, default=False, metavar="",
+                   help="instead of the grounding eval: retrieval with X-VLM's protocol (ITM re-ranked TR/IR R@1/5/10 "
+                        "at image and region granularity, xvlm.retrieval_eval) on the first --scenes scenes")
+    p.add_argument("--retrieval-candidates", type=int, default=100, metavar="N",
+                   help="the grounding eval's ITC retrieval block: candidates per retrieval task (default 100)")
+    p.add_argument("--k-test", type=int, help="with --retrieval: ITC candidates re-ranked by ITM (default 16)")
     retrieval_eval.add_arguments(p)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--json", help="write the report here")
@@ -410,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cross-only", action="store_true",
                    help="with --cross-renderer: skip the in-distribution eval (the report holds only that block)")
     args = p.parse_args(argv)
-    if args.retrieval == -1:
+    if args.retrieval not in (True, False):
+        p.error(f"--retrieval takes no value (got {args.retrieval!r}): it runs X-VLM's retrieval protocol; the "
+                "grounding eval's candidates per retrieval task are --retrieval-candidates N")
+    if args.retrieval:
         return retrieval_eval.main(args)
     if args.cross_only and not args.cross_renderer:
         p.error("--cross-only goes with --cross-renderer N")
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cross_only:
         report = {"model": g.name}
     else:
-        report = evaluate(g, args.scenes, args.retrieval, args.seed, probe=args.probe)
+        report = evaluate(g, args.scenes, args.retrieval_candidates, args.seed, probe=args.probe)
         print(format_report(report))
     if args.cross_renderer:
         from .crossrender import evaluate_cross_renderer, format_cross_report
