@@ -6,8 +6,9 @@
   in bf16 through oneDNN on CPU, cuBLAS on CUDA); heads' outputs are read back in fp32. Fast on CPUs with bf16
   instructions (avx512_bf16 / AMX); on others oneDNN emulates it and it is usually slower than fp32
   (`bf16_note()` says which, and `Grounder.precision_note` carries it).
-- int8: `torch.ao.quantization.quantize_dynamic` of every `nn.Linear` (int8 weights, activations quantised per batch
-  at run time), CPU only. Convolutions, LayerNorm, attention products and embeddings stay fp32. Quantised layers
+- int8: `torch.ao.quantization.quantize_dynamic` of the encoders' and fusion's `nn.Linear` layers (int8 weights,
+  activations quantised per batch at run time), CPU only. Convolutions, LayerNorm, attention products, embeddings,
+  the ITC projections and the heads stay fp32. Quantised layers
   have no autograd, so Grad-CAM is unavailable at int8.
 
 How far the two leave fp32 is measured by `python -m xvlm.precision --drift` (max |delta| of box, ITC, ITM on the
@@ -51,30 +52,25 @@ def bf16_note(device: torch.device) -> str | None:
     return None
 
 
-def _int8_linear():
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    class Int8Linear(DynamicLinear):
-        """torch's dynamic int8 Linear, which rejects 1-D inputs, taking them like nn.Linear does (one vector, e.g.
-        the projection of a single image feature)."""
-
-        def forward(self, x):
-            return super().forward(x[None])[0] if x.dim() == 1 else super().forward(x)
-
-    return Int8Linear
+ENCODERS = ("vision_encoder.", "text_encoder.")   # what int8 quantises; heads and projections stay fp32
 
 
 def apply(model: nn.Module, precision: str) -> nn.Module:
-    """The model to run at `precision`: itself for fp32 / bf16 (autocast does the rest), an int8 copy for int8."""
+    """The model to run at `precision`: itself for fp32 / bf16 (autocast does the rest), an int8 copy for int8.
+
+    int8 quantises the encoders' and fusion's `nn.Linear` layers, where the time goes. The ITC projections and the
+    ITM, box and MLM heads stay fp32: they are a few small matrices per phrase (no speed to gain) and their outputs
+    are the numbers a user reads (box, ITC, ITM), so quantising them would add error and buy nothing."""
     if precision != "int8":
         return model
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
+    copied = copy.deepcopy(model).cpu().eval()
+    spec = {name: default_dynamic_qconfig for name, m in copied.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(ENCODERS)}
     with warnings.catch_warnings():          # torch deprecates the quantised tensor constructors in favour of torchao
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8,
-                                     mapping={nn.Linear: _int8_linear()})
-    return quantized
+        return quantize_dynamic(copied, spec, dtype=torch.qint8)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
