@@ -79,6 +79,68 @@ def test_encoding_cache(ort):
     assert ort.ground(IMAGES[0], PHRASES[0]).box_xyxy == first[0].box_xyxy and len(second) == 2
 
 
+def test_fusion_keys_values_are_computed_once_per_image_and_kept_with_its_encoding(ort, official):
+    """fusion_kv.onnx runs once per image, whatever the number of phrases and queries; text.onnx reads the cached
+    keys/values and never sees the image tokens."""
+    runs = []
+
+    class Counting:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, outputs, feed):
+            runs.append(feed["image_tokens"].shape)
+            return self.session.run(outputs, feed)
+
+    ort.model.sessions["fusion_kv"] = Counting(ort.model.sessions["fusion_kv"])
+    assert "image_tokens" not in ort.model.text_inputs and "fusion_keys_values" in ort.model.text_inputs
+    first = ort.ground(IMAGES[2], PHRASES)
+    again = ort.ground(IMAGES[2], PHRASES)
+    assert len(runs) == 1 and runs[0] == (1, 145, 256)
+    (enc,) = ort.cache.snapshot().values()
+    kv = enc.fusion_keys_values["box"]
+    assert kv.stacked.shape[:3] == (len(official.model.text_encoder.fusion_layers), 2, 1) and kv.nbytes > 0
+    assert [r.box_xyxy for r in again] == [r.box_xyxy for r in first]
+    ort.ground(IMAGES[0], PHRASES[0])
+    assert len(runs) == 2
+
+
+def test_an_export_of_the_older_format_is_refused_with_the_command_that_redoes_it(exported, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    manifest = json.loads((old / "onnx.json").read_text())
+    del manifest["version"]                                # format 1 wrote no version
+    (old / "onnx.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="export-onnx .*--overwrite"):
+        Grounder.from_pretrained(old, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("heads", [("itc",), ("bbox",)])
+def test_models_with_some_heads_export_and_agree(make_tiny_grounder, tmp_path, heads):
+    """A model with ITC alone never fuses (no fusion_kv.onnx; its text graph reads no image), one with a box alone
+    has no ITC graph outputs; both export, load and agree with PyTorch."""
+    import dataclasses
+
+    from xvlm import create_model
+    from xvlm.checkpoint import save_pretrained
+    from xvlm.onnx_backend import export, parity
+
+    tiny = make_tiny_grounder(tmp_path)
+    torch.manual_seed(1)
+    g = Grounder(create_model(dataclasses.replace(tiny.model.cfg, heads=heads)), tiny.tokenizer, device="cpu")
+    save_pretrained(g.model, tmp_path / "model")
+    (tmp_path / "model" / "vocab.txt").write_text(Path(tiny.tokenizer.vocab_file).read_text())
+    manifest = export(tmp_path / "model", tmp_path / "onnx")
+    assert ("fusion_kv" in manifest["graphs"]) == ("bbox" in heads)
+    o = OnnxGrounder.from_folder(tmp_path / "onnx", threads=1)
+    assert max(parity(Grounder.from_pretrained(tmp_path / "model", device="cpu"), o).values()) < TOL
+    r = o.ground(IMAGES[0], PHRASES[0])
+    assert (r.box_xyxy is not None) == ("bbox" in heads) and (r.itc_image is not None) == ("itc" in heads)
+
+
 def test_gradcam_is_reported_absent_with_the_reason(ort):
     assert ort.capabilities == {"box": True, "itc": True, "itm": True, "gradcam": False}
     assert ort.unavailable["gradcam"] == NO_GRADCAM_ONNX and "autograd" in NO_GRADCAM_ONNX

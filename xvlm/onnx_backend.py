@@ -2,22 +2,28 @@
 
     python -m xvlm export-onnx --model DIR|org/name --out DIR [--opset 17]
 
-writes three graphs (fp32, dynamic batch and sequence length) beside config.json and vocab.txt:
-    vision.onnx   pixels [B, 3, R, R]                       -> image tokens [B, 1+N, C]         (the vision encoder)
-    text.onnx     input_ids, attention_mask [P, L],
-                  image tokens [1, 1+N, C]                  -> box [P, 4], itm_logits [P, 2],   (text + fusion + heads;
+writes these graphs (fp32, dynamic batch and sequence length) beside config.json and vocab.txt:
+    vision.onnx    pixels [B, 3, R, R]                      -> image tokens [B, 1+N, C]         (the vision encoder)
+    fusion_kv.onnx image tokens [1, 1+N, C]                 -> fusion_keys_values               (each fusion layer's
+                                                               [L, 2, 1, heads, 1+N, head_dim]   cross-attention K, V)
+    text.onnx      input_ids, attention_mask [P, T],
+                   fusion_keys_values                       -> box [P, 4], itm_logits [P, 2],   (text + fusion + heads;
                                                                text_feat [P, D]                  the outputs the model's
                                                                                                  heads have)
-    proj.onnx     tokens [M, C]                             -> L2-normalised vision_proj [M, D] (image / patch / concept
+    proj.onnx      tokens [M, C]                            -> L2-normalised vision_proj [M, D] (image / patch / concept
                                                                                                  ITC features)
-and onnx.json (graph names, outputs, opset, and the parity with PyTorch fp32 measured at export).
+and onnx.json (format version, graph names, outputs, opset, and the parity with PyTorch fp32 measured at export).
+fusion_kv.onnx exists when the model has a box or ITM head (a model with ITC alone never fuses).
 
 `Grounder.from_pretrained(DIR, backend="onnxruntime")` returns an `OnnxGrounder`: the same `ground` / `concepts` /
-`concept_scores` API and results, the image encodings cached by pixel hash as in PyTorch (a follow-up query on the
-same image runs only text.onnx; the fusion layers' keys/values of the image are recomputed per query, unlike the
-PyTorch path, since a graph cannot keep them). Grad-CAM needs autograd, which ONNX Runtime's inference sessions do
-not have: `capabilities["gradcam"]` is False and `unavailable["gradcam"]` says why. Parity with PyTorch fp32 on the
-official fixture: tests/test_onnx.py (within 1e-4).
+`concept_scores` API and results, and the same cache as PyTorch: an image's tokens and its fusion keys/values are
+kept with its encoding (by pixel hash), so a follow-up query on the same image runs only text.onnx, and the phrases
+of a query share one image's keys/values instead of projecting them per phrase. Phrases are padded to the longest
+in the query (the PyTorch path packs them; the padding is masked, the numbers agree within the parity bound).
+Grad-CAM needs autograd, which ONNX Runtime's inference sessions do not have: `capabilities["gradcam"]` is False and
+`unavailable["gradcam"]` says why. A box-only checkpoint cannot be paired with a scorer here (export the scorer's
+ITC/ITM with the PyTorch backend instead). Parity with PyTorch fp32 on the official fixture: tests/test_onnx.py
+(within 1e-4).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import json
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +42,11 @@ from torch import nn
 
 from . import postprocess
 from .grounder import NO_ITC, Grounder, GroundingResult, check_phrases
+from .models import FusionKeysValues, ImageContext
 
 MANIFEST = "onnx.json"
-GRAPHS = {"vision": "vision.onnx", "text": "text.onnx", "proj": "proj.onnx"}
+FORMAT = 2          # 2: text.onnx reads fusion_keys_values (1 read image tokens and projected them per phrase)
+GRAPHS = {"vision": "vision.onnx", "fusion_kv": "fusion_kv.onnx", "text": "text.onnx", "proj": "proj.onnx"}
 NO_GRADCAM_ONNX = ("Grad-CAM needs autograd (gradients of the ITM logit w.r.t. cross-attention), which ONNX Runtime "
                    "inference sessions do not compute; use the PyTorch backend for it")
 OPSET = 17
@@ -53,8 +62,21 @@ class _Vision(nn.Module):
         return self.model.encode_image(pixels)
 
 
+class _FusionKeysValues(nn.Module):
+    """One image's cross-attention keys/values in every fusion layer, stacked: what every phrase of every query on
+    that image shares (`XVLM.image_keys_values`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_tokens):
+        return torch.stack([torch.stack(kv) for kv in self.model.image_keys_values(image_tokens).layers])
+
+
 class _TextFusionHeads(nn.Module):
-    """Padded phrases attending to one image: the heads' outputs (the same numbers as the packed PyTorch path)."""
+    """Padded phrases attending to one image through its keys/values: the heads' outputs (the same numbers as the
+    packed PyTorch path)."""
 
     def __init__(self, model):
         super().__init__()
@@ -64,12 +86,20 @@ class _TextFusionHeads(nn.Module):
         heads = self.model.heads
         return [n for n, h in (("box", "bbox"), ("itm_logits", "itm"), ("text_feat", "itc")) if h in heads]
 
-    def forward(self, input_ids, attention_mask, image_tokens):
+    def fuses(self) -> bool:
+        return "bbox" in self.model.heads or "itm" in self.model.heads
+
+    def forward(self, input_ids, attention_mask, fusion_keys_values):
         m = self.model
         embeds = m.encode_text(input_ids, attention_mask)
         out = []
-        if "bbox" in m.heads or "itm" in m.heads:
-            fused = m.fuse(embeds, attention_mask, image_tokens.expand(input_ids.shape[0], -1, -1))
+        if self.fuses():
+            kv = FusionKeysValues(tuple((layer[0], layer[1]) for layer in fusion_keys_values))
+            # A shared, unmasked image whose keys/values are given: the context's tokens are never read, only its
+            # kind, so a zero-patch stand-in keeps the image tokens out of this graph. Only the last layer's [CLS]
+            # row is computed: the heads read nothing else.
+            image = ImageContext.single(embeds[:1, :1], input_ids.shape[0])
+            fused = m.fuse(embeds, attention_mask, image, last_rows=torch.zeros(1, dtype=torch.long), keys_values=kv)
             if "bbox" in m.heads:
                 out.append(m.predict_bbox(fused))
             if "itm" in m.heads:
@@ -97,10 +127,12 @@ def export(model_dir: str | Path, out: str | Path, opset: int = OPSET, overwrite
     m, cfg = g.model, g.model.cfg
     R, C = cfg.vision.image_res, cfg.vision.width
     # wrappers in eval mode: the exporter restores each wrapper's mode afterwards, recursively into the model
-    vision, text, proj = _Vision(m).eval(), _TextFusionHeads(m).eval(), _Proj(m).eval()
+    vision, kv, text, proj = _Vision(m).eval(), _FusionKeysValues(m).eval(), _TextFusionHeads(m).eval(), _Proj(m).eval()
     if not text.outputs():
         raise ValueError("the model has none of the bbox / itm / itc heads")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in GRAPHS.values():          # an export over an older one must not leave graphs this one lacks
+        (out / stale).unlink(missing_ok=True)
     ids = g.tokenizer(["a red circle", "the big blue square on the left"])
     tokens = torch.randn(1, 1 + cfg.vision.grid_size ** 2, C)
     common = dict(dynamo=False, opset_version=opset, do_constant_folding=True)
@@ -109,11 +141,17 @@ def export(model_dir: str | Path, out: str | Path, opset: int = OPSET, overwrite
         torch.onnx.export(vision, (torch.randn(1, 3, R, R),), out / GRAPHS["vision"], input_names=["pixels"],
                           output_names=["tokens"], dynamic_axes={"pixels": {0: "batch"}, "tokens": {0: "batch"}},
                           **common)
-        torch.onnx.export(text, (ids.input_ids, ids.attention_mask, tokens), out / GRAPHS["text"],
-                          input_names=["input_ids", "attention_mask", "image_tokens"], output_names=text.outputs(),
-                          dynamic_axes={"input_ids": {0: "phrases", 1: "length"},
-                                        "attention_mask": {0: "phrases", 1: "length"},
-                                        **{o: {0: "phrases"} for o in text.outputs()}}, **common)
+        text_dynamic = {"input_ids": {0: "phrases", 1: "length"}, "attention_mask": {0: "phrases", 1: "length"},
+                        **{o: {0: "phrases"} for o in text.outputs()}}
+        if text.fuses():
+            torch.onnx.export(kv, (tokens,), out / GRAPHS["fusion_kv"], input_names=["image_tokens"],
+                              output_names=["fusion_keys_values"], **common)
+            keys_values = kv(tokens)
+        else:
+            keys_values = torch.zeros(0)    # not read: the text graph has no fusion
+        torch.onnx.export(text, (ids.input_ids, ids.attention_mask, keys_values), out / GRAPHS["text"],
+                          input_names=["input_ids", "attention_mask", "fusion_keys_values"],
+                          output_names=text.outputs(), dynamic_axes=text_dynamic, **common)
         if "itc" in m.heads:
             torch.onnx.export(proj, (tokens[0],), out / GRAPHS["proj"], input_names=["tokens"],
                               output_names=["features"], dynamic_axes={"tokens": {0: "n"}, "features": {0: "n"}},
@@ -123,7 +161,7 @@ def export(model_dir: str | Path, out: str | Path, opset: int = OPSET, overwrite
     for name in ("config.json", "vocab.txt"):
         if (src / name).resolve() != (out / name).resolve():
             shutil.copyfile(src / name, out / name)
-    manifest = {"format": "xvlm-onnx", "opset": opset, "source": str(model_dir),
+    manifest = {"format": "xvlm-onnx", "version": FORMAT, "opset": opset, "source": str(model_dir),
                 "graphs": {k: v for k, v in GRAPHS.items() if (out / v).is_file()}, "text_outputs": text.outputs()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["parity"] = parity(g, OnnxGrounder.from_folder(out))
@@ -158,6 +196,10 @@ class _OrtModel:
         import onnxruntime as ort
 
         manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("version", 1) != FORMAT:
+            raise ValueError(f"{folder} is an ONNX export of format {manifest.get('version', 1)}, this version reads "
+                             f"format {FORMAT} (image keys/values computed once per image): run `python -m xvlm "
+                             f"export-onnx --model MODEL --out {folder} --overwrite` again")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -183,15 +225,32 @@ class _OrtModel:
         (tokens,) = self.sessions["vision"].run(None, {"pixels": pixels.cpu().numpy()})
         return torch.from_numpy(tokens)
 
-    def text(self, input_ids, attention_mask, tokens: torch.Tensor) -> dict[str, np.ndarray]:
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
-                "image_tokens": tokens.cpu().numpy()}
-        outs = self.sessions["text"].run(None, {k: v for k, v in feed.items() if k in self.text_inputs})
+    def image_keys_values(self, tokens: torch.Tensor) -> "_StackedKeysValues":
+        """What the Grounder's cache keeps with an image's encoding (`Grounder.keys_values`), as the graph made it."""
+        (stacked,) = self.sessions["fusion_kv"].run(None, {"image_tokens": tokens.cpu().numpy()})
+        return _StackedKeysValues(tuple((torch.from_numpy(k), torch.from_numpy(v)) for k, v in stacked), stacked)
+
+    def text(self, input_ids, attention_mask, keys_values: "_StackedKeysValues | None") -> dict[str, np.ndarray]:
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if "fusion_keys_values" in self.text_inputs:
+            feed["fusion_keys_values"] = keys_values.stacked
+        outs = self.sessions["text"].run(None, feed)
         return dict(zip(self.text_outputs, outs))
+
+    @property
+    def fuses(self) -> bool:
+        return "fusion_kv" in self.sessions
 
     def image_features(self, tokens: torch.Tensor) -> torch.Tensor:
         (feats,) = self.sessions["proj"].run(None, {"tokens": tokens.reshape(-1, tokens.shape[-1]).cpu().numpy()})
         return torch.from_numpy(feats).reshape(*tokens.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class _StackedKeysValues(FusionKeysValues):
+    """FusionKeysValues (per-layer views, for the cache's byte count) that also keep the graph's stacked array, fed
+    back to text.onnx without a copy."""
+    stacked: np.ndarray = None
 
 
 class OnnxGrounder(Grounder):
@@ -227,8 +286,9 @@ class OnnxGrounder(Grounder):
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
         px, text, results = self._prepare(image, phrases)        # the torch Grounder's input and output sides
         m: _OrtModel = self.model
-        tokens = self.encode(px, m).tokens
-        out = m.text(text.input_ids, text.attention_mask, tokens)
+        enc = self.encode(px, m)
+        tokens = enc.tokens
+        out = m.text(text.input_ids, text.attention_mask, self.keys_values(enc, m) if m.fuses else None)
         boxes = None
         if "box" in out:
             boxes = torch.from_numpy(out["box"])
@@ -273,8 +333,9 @@ class OnnxGrounder(Grounder):
         phrase_list = check_phrases(phrases)
         concepts = self.concepts(image, boxes)
         text = self.tokenizer(phrase_list)
-        tokens = self.encode(self.read_image(image), self.model).tokens
-        text_feat = torch.from_numpy(self.model.text(text.input_ids, text.attention_mask, tokens)["text_feat"])
+        enc = self.encode(self.read_image(image), self.model)
+        kv = self.keys_values(enc, self.model) if self.model.fuses else None
+        text_feat = torch.from_numpy(self.model.text(text.input_ids, text.attention_mask, kv)["text_feat"])
         return postprocess.phrase_box_matrix(text_feat, self.model.image_features(concepts)).numpy()
 
 
