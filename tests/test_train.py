@@ -218,6 +218,45 @@ def test_a_second_cycle_continues_the_trained_fusion_instead_of_re_aligning_it(t
         assert (change > 0.5) == realigned, (realigned, change)
 
 
+def test_init_from_a_model_of_another_grid_resamples_its_position_table(tmp_path):
+    """`--init` a finer-grid recipe from a coarser model (`shapes-varied-grid16-cycle` from the shipped 12x12
+    weights): the ViT position table is resampled bicubically to the new grid (timm's `resample_abs_pos_embed`, how
+    ViTs are fine-tuned at a higher resolution), every other weight is taken as it is, and a real mismatch still
+    fails with the strict loader's error."""
+    from timm.layers import resample_abs_pos_embed
+
+    from xvlm.checkpoint import CheckpointError, load_state_strict, save_pretrained, state_for_grid
+    from xvlm.registry import create_model, get_model_config
+
+    small_cfg = get_model_config("shapes-tiny")
+    big_cfg = dataclasses.replace(small_cfg, vision=dataclasses.replace(
+        small_cfg.vision, image_res=small_cfg.vision.image_res * 2))
+    torch.manual_seed(0)
+    small, big = create_model(small_cfg), create_model(big_cfg)
+    key = "vision_encoder.backbone.pos_embed"
+    g0, g1 = small_cfg.vision.grid_size, big_cfg.vision.grid_size
+    assert g1 == 2 * g0
+    state = state_for_grid(small, big)
+    load_state_strict(big, state, "small")
+    assert torch.equal(big.state_dict()[key], resample_abs_pos_embed(small.state_dict()[key], [g1, g1],
+                                                                     [g0, g0], num_prefix_tokens=0))
+    assert all(torch.equal(v, big.state_dict()[k]) for k, v in small.state_dict().items() if k != key)
+    # a model of the same grid comes back as it is; another width is still refused, naming the tensors
+    assert all(torch.equal(v, small.state_dict()[k]) for k, v in state_for_grid(small, small).items())
+    wide = create_model(dataclasses.replace(big_cfg, embed_dim=big_cfg.embed_dim * 2))
+    with pytest.raises(CheckpointError, match="vision_proj"):
+        load_state_strict(wide, state_for_grid(small, wide), "small")
+    # and through the training loop: a run on the finer grid starts from the coarser export
+    save_pretrained(small, tmp_path / "small")
+    (tmp_path / "small" / "vocab.txt").write_text("")
+    from xvlm.training.loop import _restore
+    from xvlm.training.recipes import RECIPES as R
+    recipe = dataclasses.replace(R["shapes-tiny"], model=big_cfg)
+    start, st = _restore(big, tmp_path / "none.pt", recipe, True, tmp_path / "small", "grounding", rank=0)
+    assert start == recipe.stages[0].steps and st is None
+    assert torch.equal(big.state_dict()[key], state[key])
+
+
 def test_text_layers_without_padding_give_the_padded_batchs_losses_and_gradients(monkeypatch):
     """Training runs the text and fusion layers on captions and phrases apart, each padded to its own longest text;
     every loss and gradient must be what one padded batch gives."""
