@@ -160,3 +160,24 @@ def test_cli_and_errors(exported, tmp_path, capsys):
     assert cli_main(["export-onnx", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert cli_main(["export-onnx", "--model", str(exported), "--out", str(exported)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_paired_format_benchmark_times_two_checkouts_and_prints_their_ratio(load_script, make_tiny_grounder,
+                                                                                  tmp_path, capsys):
+    """benchmarks/onnx_formats.py on a tiny model, this checkout against itself: each side exports with its own
+    checkout and is timed in its own subprocess; the table has the three queries and a ratio per query."""
+    from xvlm.checkpoint import save_pretrained
+
+    g = make_tiny_grounder(tmp_path)
+    save_pretrained(g.model, tmp_path / "model")
+    (tmp_path / "model" / "vocab.txt").write_text(Path(g.tokenizer.vocab_file).read_text())
+    bench = load_script("benchmarks/onnx_formats.py")
+    root = str(Path(__file__).resolve().parent.parent)
+    assert bench.main(["--model", str(tmp_path / "model"), "--repo", f"a={root}", "--repo", f"b={root}",
+                       "--rounds", "1", "--threads", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| first")
+            or line.startswith("| cached")]
+    assert [r[0].strip() for r in rows] == ["first_8", "cached_1", "cached_8"]
+    assert all(float(v) > 0 for r in rows for v in r[1:])
+    with pytest.raises(SystemExit):
+        bench.main(["--base", "--model", str(tmp_path / "model"), "--repo", f"a={root}", "--repo", f"b={root}"])
