@@ -34,28 +34,33 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
     def grounder(model_name):
         return registry.get(model_name or registry.default), registry.lock(model_name or registry.default)
 
+    def load(model_name, progress):
+        """(grounder, lock, None) for the selected model, or (None, None, the message to show) when it cannot be
+        loaded; the progress bar says it is loading meanwhile."""
+        progress(0, desc="loading the model")
+        try:
+            return *grounder(model_name), None
+        except ModelUnavailable as e:
+            return None, None, f"⚠️ **{e}**"
+
     def first_phrase(own, phrases):
         own = own if isinstance(own, str) and own.strip() else (phrases or "").strip().split("\n")[0]
         return own
 
     @gpu   # ZeroGPU: model work holds the GPU only inside these calls (app/zerogpu.py; a no-op without `spaces`)
     def counterfactual(model_name, image, phrase, phrases, progress=gr.Progress()):
-        try:
-            progress(0, desc="loading the model")
-            g, lock = grounder(model_name)
-        except ModelUnavailable as e:
-            return None, None, f"⚠️ **{e}**"
+        g, lock, error = load(model_name, progress)
+        if error:
+            return None, None, error
         progress(0.3, desc="grounding the edits")
         v = av.counterfactual_view(g, image, first_phrase(phrase, phrases), lock)
         return v.image, v.table, v.message
 
     @gpu
     def region(model_name, image, box, candidates, progress=gr.Progress()):
-        try:
-            progress(0, desc="loading the model")
-            g, lock = grounder(model_name)
-        except ModelUnavailable as e:
-            return None, None, f"⚠️ **{e}**"
+        g, lock, error = load(model_name, progress)
+        if error:
+            return None, None, error
         v = av.region_view(g, image, box, candidates, lock)
         return v.image, v.table, v.message
 
@@ -75,11 +80,9 @@ def build_analysis_panel(registry, model_dd, image_in, phrases_in, layer, alpha)
 
     @gpu
     def show_word_maps(model_name, image, phrase, phrases, layer_value, alpha_value, progress=gr.Progress()):
-        try:
-            progress(0, desc="loading the model")
-            g, lock = grounder(model_name)
-        except ModelUnavailable as e:
-            return None, gr.update(choices=[], value=None), f"⚠️ **{e}**", [], []
+        g, lock, error = load(model_name, progress)
+        if error:
+            return None, gr.update(choices=[], value=None), error, [], []
         progress(0.3, desc="Grad-CAM per word (one backward pass)")
         v = av.word_maps_view(g, image, first_phrase(phrase, phrases), layer_value, lock,
                               alpha=cb._finite(alpha_value, cb.DEFAULT_ALPHA))

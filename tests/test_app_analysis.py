@@ -73,3 +73,23 @@ def test_word_maps_view_and_json(g):
     assert d["words"] == ["the", "red", "circle"] and np.asarray(d["maps"]).shape == (3, 12, 12)
     with pytest.raises(InputError):
         av.word_maps_json(g, str(IMG), "", None)
+
+
+def test_analysis_handlers_show_a_model_that_cannot_load_as_a_message(g):
+    """The panel's three handlers, called with a model the registry cannot load: each answers with the registry's
+    message in its note output (and empty image / table outputs) instead of raising."""
+    from app.models import ModelRegistry, ModelSpec
+    from app.ui import build_demo
+
+    registry = ModelRegistry([ModelSpec("fixture", "official", str(F / "checkpoint.pth"),
+                                        config=str(F / "Grounding_bbox.yaml"), tokenizer=str(F / "vocab.txt")),
+                              ModelSpec("broken", "official", str(F / "missing.pth"), preset="xvlm-base-4m")])
+    demo = build_demo(registry)
+    handlers = {f.fn.__name__: f.fn for f in demo.fns.values()
+                if getattr(f.fn, "__name__", "") in ("counterfactual", "region", "show_word_maps")}
+    assert set(handlers) == {"counterfactual", "region", "show_word_maps"}
+    progress = lambda *a, **k: None                                   # noqa: E731
+    for out in (handlers["counterfactual"]("broken", str(IMG), "red", "", progress=progress),
+                handlers["region"]("broken", str(IMG), "1, 2, 30, 40", "", progress=progress),
+                handlers["show_word_maps"]("broken", str(IMG), "red", "", 3, 0.5, progress=progress)):
+        assert out[0] is None and any(isinstance(o, str) and o.startswith("⚠️") and "not found" in o for o in out)
