@@ -278,7 +278,8 @@ def save_pretrained(model: XVLM, directory: str | Path) -> None:
 def state_for_grid(src: XVLM, dst: XVLM) -> dict[str, torch.Tensor]:
     """`src`'s weights for `dst`, a model of the same shapes but another ViT image size: the absolute position table is
     resampled to `dst`'s patch grid (timm's `resample_abs_pos_embed`, bicubic: how ViTs are fine-tuned at a higher
-    resolution, and how X-VLM goes from 224 to 384 px). Any other difference is an error, as in a strict load."""
+    resolution, and how X-VLM goes from 224 to 384 px). Every other tensor is returned as it is, so a strict load
+    (`load_state_strict`) still refuses any other difference."""
     state = dict(src.state_dict())
     key = "vision_encoder.backbone.pos_embed"
     if key in state and src.cfg.vision.kind == "vit" and src.cfg.vision.grid_size != dst.cfg.vision.grid_size:

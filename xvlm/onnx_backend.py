@@ -21,8 +21,8 @@ kept with its encoding (by pixel hash), so a follow-up query on the same image r
 of a query share one image's keys/values instead of projecting them per phrase. Phrases are padded to the longest
 in the query (the PyTorch path packs them; the padding is masked, the numbers agree within the parity bound).
 Grad-CAM needs autograd, which ONNX Runtime's inference sessions do not have: `capabilities["gradcam"]` is False and
-`unavailable["gradcam"]` says why. A box-only checkpoint cannot be paired with a scorer here (export the scorer's
-ITC/ITM with the PyTorch backend instead). Parity with PyTorch fp32 on the official fixture: tests/test_onnx.py
+`unavailable["gradcam"]` says why. A box-only checkpoint cannot be paired with a scorer here (the PyTorch backend
+does that). Parity with PyTorch fp32 on the official fixture: tests/test_onnx.py
 (within 1e-4).
 """
 from __future__ import annotations
