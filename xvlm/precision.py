@@ -8,8 +8,8 @@
   (`bf16_note()` says which, and `Grounder.precision_note` carries it).
 - int8: `torch.ao.quantization.quantize_dynamic` of the encoders' and fusion's `nn.Linear` layers (int8 weights,
   activations quantised per batch at run time), CPU only. Convolutions, LayerNorm, attention products, embeddings,
-  the ITC projections and the heads stay fp32. Quantised layers
-  have no autograd, so Grad-CAM is unavailable at int8.
+  the ITC projections and the heads stay fp32. Quantised layers have no autograd, so Grad-CAM is unavailable at
+  int8.
 
 How far the two leave fp32 is measured by `python -m xvlm.precision --drift` (max |delta| of box, ITC, ITM on the
 official fixture) and published in benchmarks/RESULTS.md with the default model's Acc@0.5.
