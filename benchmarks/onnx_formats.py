@@ -63,8 +63,7 @@ def save_base(dest: Path) -> Path:
     from xvlm.checkpoint import save_pretrained
 
     g = base_grounder("cpu", dest)
-    save_pretrained(g.model, dest / "model")
-    (dest / "model" / "vocab.txt").write_text(Path(g.tokenizer.vocab_file).read_text())
+    save_pretrained(g.model, dest / "model", vocab=g.tokenizer.vocab_file)
     return dest / "model"
 
 

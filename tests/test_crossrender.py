@@ -107,8 +107,7 @@ def test_cross_renderer_eval_on_a_tiny_model_and_through_the_cli(tmp_path, capsy
     assert block["grounding"]["all"]["n"] == n == sum(r["n"] for r in block["head"].values())
     assert block["misses"]["n"] == sum(v for k, v in block["misses"].items() if k != "n")
     model = tmp_path / "model"
-    save_pretrained(g.model, model)
-    (model / "vocab.txt").write_text(g.tokenizer.vocab_file.read_text())
+    save_pretrained(g.model, model, vocab=g.tokenizer.vocab_file)
     out = tmp_path / "cross.json"
     assert main(["--model", str(model), "--cross-renderer", "3", "--cross-only", "--json", str(out),
                  "--device", "cpu"]) == 0

@@ -131,8 +131,7 @@ def test_models_with_some_heads_export_and_agree(make_tiny_grounder, tmp_path, h
     tiny = make_tiny_grounder(tmp_path)
     torch.manual_seed(1)
     g = Grounder(create_model(dataclasses.replace(tiny.model.cfg, heads=heads)), tiny.tokenizer, device="cpu")
-    save_pretrained(g.model, tmp_path / "model")
-    (tmp_path / "model" / "vocab.txt").write_text(Path(tiny.tokenizer.vocab_file).read_text())
+    save_pretrained(g.model, tmp_path / "model", vocab=tiny.tokenizer.vocab_file)
     manifest = export(tmp_path / "model", tmp_path / "onnx")
     assert ("fusion_kv" in manifest["graphs"]) == ("bbox" in heads)
     o = OnnxGrounder.from_folder(tmp_path / "onnx", threads=1)
@@ -169,8 +168,7 @@ def test_the_paired_format_benchmark_times_two_checkouts_and_prints_their_ratio(
     from xvlm.checkpoint import save_pretrained
 
     g = make_tiny_grounder(tmp_path)
-    save_pretrained(g.model, tmp_path / "model")
-    (tmp_path / "model" / "vocab.txt").write_text(Path(g.tokenizer.vocab_file).read_text())
+    save_pretrained(g.model, tmp_path / "model", vocab=g.tokenizer.vocab_file)
     bench = load_script("benchmarks/onnx_formats.py")
     root = str(Path(__file__).resolve().parent.parent)
     assert bench.main(["--model", str(tmp_path / "model"), "--repo", f"a={root}", "--repo", f"b={root}",

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,13 +267,17 @@ def _get(cfg: XVLMConfig, dotted: str):
     return tuple(obj) if isinstance(obj, list) else obj
 
 
-def save_pretrained(model: XVLM, directory: str | Path) -> None:
+def save_pretrained(model: XVLM, directory: str | Path, vocab: str | Path | None = None) -> None:
+    """Our format: `model.safetensors` + `config.json`; `vocab`, the tokenizer's vocab.txt, is copied in beside them
+    so the folder loads on its own (`load_pretrained`, `Grounder.from_pretrained`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not any(b in k for b in DERIVED_BUFFERS)}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "model": "xvlm"})
     (directory / CONFIG_NAME).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    if vocab is not None:
+        shutil.copyfile(vocab, directory / "vocab.txt")
 
 
 def state_for_grid(src: XVLM, dst: XVLM) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -77,8 +76,7 @@ def convert(checkpoint: str | Path, out: str | Path, tokenizer: str | Path, conf
     model = load_official(checkpoint, cfg)
     digest = sha256(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, out)
-    shutil.copyfile(tok.vocab_file, out / "vocab.txt")
+    save_pretrained(model, out, vocab=tok.vocab_file)
     shape = f"preset `{preset}`" if preset is not None else f"official task YAML `{Path(config).name}`"
     params = sum(p.numel() for p in model.parameters())
     (out / CARD_NAME).write_text(model_card(checkpoint, digest, shape, model.heads, params))

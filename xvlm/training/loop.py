@@ -113,8 +113,7 @@ def step_seed(recipe: Recipe, rank: int, step: int) -> int:
 # --- the run folder -----------------------------------------------------------------------------------------------
 def save_model_folder(model: XVLM, run_dir: Path, dest: Path) -> None:
     """A loadable model folder (safetensors + config + the run's vocabulary)."""
-    save_pretrained(model, dest)
-    (dest / "vocab.txt").write_text((run_dir / "vocab.txt").read_text())
+    save_pretrained(model, dest, vocab=run_dir / "vocab.txt")
 
 
 def save_training_state(path: Path, model: XVLM, optimizer, step: int) -> None:
