@@ -113,6 +113,7 @@ def test_cross_renderer_eval_on_a_tiny_model_and_through_the_cli(tmp_path, capsy
                  "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"model", "cross_renderer"}
+    assert sorted(p.name for p in tmp_path.glob("cross*")) == ["cross.json"]   # no in-distribution reference beside it
     assert report["cross_renderer"]["grounding"]["all"]["n"] == n
     assert "cross-renderer eval" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -119,7 +119,9 @@ def test_the_config_json_shipped_before_loads_to_the_same_model_config():
     old = json.loads(LEGACY_SHIPPED.read_text())
     assert old["vision"]["depths"] == [2, 2, 18, 2] and old["vision"]["heads"] == 3      # the single table
     cfg = XVLMConfig.from_dict(old)
-    assert cfg == XVLMConfig.from_dict(json.loads((SHIPPED / "config.json").read_text()))
+    shipped = XVLMConfig.from_dict(json.loads((SHIPPED / "config.json").read_text()))
+    calibration = {"found_threshold": shipped.found_threshold, "found_score_weights": shipped.found_score_weights}
+    assert dataclasses.replace(cfg, **calibration) == shipped     # all but the verdict's calibration, refitted since
     assert cfg.vision == ViTVisionConfig(image_res=192, patch_size=16, width=192, depth=6, num_heads=3, stem="conv",
                                          convert="composite")
     new = cfg.to_dict()

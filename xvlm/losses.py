@@ -109,12 +109,15 @@ def matching_loss(model: XVLM, visual: ImageContext, visual_mask, text_embeds, t
 
 
 def image_matching_loss(model: XVLM, fused_own, image_tokens, text_embeds, text_mask, text_feat, image_feat, temp,
-                        describes_image) -> torch.Tensor:
+                        describes_image, absent=None) -> torch.Tensor:
     """ITM of phrases against whole images: does the image hold what the phrase describes? The question the demo's
     ITM score answers for a typed phrase (the official ITM pairs a region's text with the region only, so a phrase
     against its whole image is a pair it never saw). Positives: each phrase fused with its own image (`fused_own`,
     the [CLS] rows the bbox head reads); negatives: the phrase with another image of the batch that holds nothing it
     describes, drawn in proportion to ITC similarity. Phrases with no such image are left out of the negatives.
+    `absent` (optional): (embeds [A, L, H], mask [A, L], image [A]) texts that name what their image lacks ("the green
+    triangle" beside a red one), fused with that image as negatives: the pairs the not-found verdict must reject, which
+    another image of the batch rarely is (it differs in everything, not in one word).
 
     fused_own [T, 1, C]; image_tokens [B, 1+N, C]; text_* [T, ...]; image_feat [B, D]; describes_image [T, B]."""
     with torch.no_grad():
@@ -123,11 +126,14 @@ def image_matching_loss(model: XVLM, fused_own, image_tokens, text_embeds, text_
         weights[~has_negative] = 1.0
         neg_image = torch.multinomial(weights, 1).squeeze(1)[has_negative]
     logits = [model.itm_logits(fused_own)]
-    if len(neg_image):
-        others = ImageContext(image_tokens[neg_image, 0], image_tokens[:, 1:], neg_image)
-        logits.append(model.itm_logits(model.fuse(text_embeds[has_negative], text_mask[has_negative], others,
-                                                  last_rows=CLS_ROW.to(text_mask.device))))
-    labels = torch.cat([torch.ones(len(fused_own)), torch.zeros(len(neg_image))]).long().to(fused_own.device)
+    negatives = [(text_embeds[has_negative], text_mask[has_negative], neg_image)] if len(neg_image) else []
+    if absent is not None and len(absent[2]):
+        negatives.append(absent)
+    for embeds, mask, image in negatives:
+        others = ImageContext(image_tokens[image, 0], image_tokens[:, 1:], image)
+        logits.append(model.itm_logits(model.fuse(embeds, mask, others, last_rows=CLS_ROW.to(mask.device))))
+    n_negative = sum(len(image) for _, _, image in negatives)
+    labels = torch.cat([torch.ones(len(fused_own)), torch.zeros(n_negative)]).long().to(fused_own.device)
     return F.cross_entropy(torch.cat(logits), labels)
 
 

@@ -79,19 +79,13 @@ def apply(g, results) -> None:
 def absent_phrases(scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     """[(kind, phrase)] naming objects the scene does not hold: one colour + shape pair from its complement and, if
     it lacks a shape, one such shape."""
-    from ..data.synthetic import COLORS, SHAPES
+    from ..data.synthetic import absent_descs, plain_names
 
-    held = {(o.color, o.shape) for o in scene.objects}
-    shapes = {o.shape for o in scene.objects}
-    pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in held]
     out = []
-    if pairs:
-        c, s = pairs[int(rng.integers(len(pairs)))]
-        out.append(("colour + shape", str(rng.choice([f"the {c} {s}", f"a {c} {s}", f"{c} {s}"]))))
-    missing = [s for s in SHAPES if s not in shapes]
-    if missing:
-        s = missing[int(rng.integers(len(missing)))]
-        out.append(("shape", str(rng.choice([f"the {s}", f"a {s}"]))))
+    for kind, descs in absent_descs(scene.objects).items():
+        if descs:
+            desc = descs[int(rng.integers(len(descs)))]
+            out.append((kind, str(rng.choice(plain_names(desc)))))
     return out
 
 

@@ -5,16 +5,18 @@ consistent box target, and, to keep texts that describe each other's objects fro
 concept's `query` whether it `matches` another concept's `referent` or an object of another image (`contents`).
 For the synthetic corpus a query is a `Desc` (what the text says: colour, shape, size) and referents and contents
 are `SceneObject`s; official-format data knows neither, and its texts are never each other's negatives that way.
+A training sample also says what its image does *not* hold (`absent`: texts, by kind, that describe none of its
+objects), where the data side knows: the same-image ITM negatives of stages that ask for them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
 from .official import Sample
-from .synthetic import Desc, Phrase, SceneObject
+from .synthetic import Desc, Phrase, SceneObject, absent_descs, plain_names
 
 Box = tuple[float, float, float, float]
 
@@ -37,11 +39,13 @@ class Concept:
 @dataclass
 class TrainingSample:
     """What a training batch is built from: the image (read through its `Sample`), a caption or None, concepts, and
-    the objects the image holds (`contents`, what queries match; empty where unknown)."""
+    the objects the image holds (`contents`, what queries match; empty where unknown) and what it does not hold
+    (`absent`: kind -> one tuple of alternative wordings per absent thing; empty where unknown)."""
     sample: Sample
     caption: str | None
     concepts: list[Concept]
     contents: list
+    absent: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
 
     def load(self, convert: str = "official") -> Image.Image:
         return self.sample.load(convert)
@@ -59,7 +63,9 @@ def training_sample(sample: Sample | TrainingSample) -> TrainingSample:
     for p in sample.phrases:
         query, referent = _meaning(p, sample.objects)
         concepts.append(Concept(p.text, p.box, p.kind, query, referent, _names_one_object(p, query, sample.objects)))
-    return TrainingSample(sample, sample.caption, concepts, list(sample.objects))
+    absent = {kind: [tuple(plain_names(d)) for d in descs] for kind, descs in absent_descs(sample.objects).items()
+              } if sample.objects else {}
+    return TrainingSample(sample, sample.caption, concepts, list(sample.objects), absent)
 
 
 def _names_one_object(phrase: Phrase, want: Desc | None, objects: list[SceneObject]) -> bool:

@@ -542,6 +542,22 @@ def _all_descs(objects: Sequence[SceneObject], with_size: bool) -> list[Desc]:
     return [Desc(c, s, z) for c in colors + [None] for s in shapes + [None] for z in sizes + [None]]
 
 
+def absent_descs(objects: Sequence[SceneObject]) -> dict[str, list[Desc]]:
+    """What a scene does not hold, by kind: the colour + shape pairs none of its objects has, and the shapes none has
+    (in COLORS x SHAPES order). The not-found verdict's absent phrases and the training's same-image ITM negatives."""
+    held = {(o.color, o.shape) for o in objects}
+    shapes = {o.shape for o in objects}
+    return {"colour + shape": [Desc(c, s) for c in COLORS for s in SHAPES if (c, s) not in held],
+            "shape": [Desc(shape=s) for s in SHAPES if s not in shapes]}
+
+
+def plain_names(desc: Desc) -> list[str]:
+    """The plain ways to name a colour + shape or shape description: 'the red circle', 'a red circle', 'red circle';
+    'the circle', 'a circle'."""
+    words = " ".join(w for w in (desc.color, desc.shape) if w)
+    return [f"the {words}", f"a {words}"] + ([words] if desc.color else [])
+
+
 def _match_mask(desc: Desc, objects: Sequence[SceneObject]) -> int:
     return sum(1 << i for i, o in enumerate(objects) if desc.matches(o))
 

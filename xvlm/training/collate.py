@@ -40,6 +40,18 @@ def distinct_concepts(concepts: list[Concept], stage: Stage, rng: random.Random)
     return chosen
 
 
+def absent_texts(sample: TrainingSample, k: int, rng: random.Random) -> list[str]:
+    """Up to k texts naming what the sample's image lacks: the kinds taken in turn (the one missing shape is not
+    drowned by thirty missing colour + shape pairs), each absent thing once, in one of its wordings."""
+    pools = [rng.sample(groups, len(groups)) for groups in sample.absent.values() if groups]
+    out: list[str] = []
+    while len(out) < k and any(pools):
+        for pool in pools:
+            if pool and len(out) < k:
+                out.append(rng.choice(pool.pop()))
+    return out
+
+
 def collate(samples: list[TrainingSample], tokenizer: Tokenizer, cfg: XVLMConfig, stage: Stage,
             rng: random.Random) -> dict:
     """Samples -> one batch of pairs. Pair j: visual = image group[j] masked by patch_mask[j]; text = ids[j]; a
@@ -63,6 +75,8 @@ def collate(samples: list[TrainingSample], tokenizer: Tokenizer, cfg: XVLMConfig
     describes_image = torch.tensor(
         [[g == i or q is None or not samples[i].contents or any(q.matches(o) for o in samples[i].contents)
           for i in range(len(samples))] for q, g in zip(queries, group)], dtype=torch.bool).reshape(len(texts), -1)
+    absent = [(text, i) for i, s in enumerate(samples) for text in absent_texts(s, stage.absent_per_image, rng)
+              ] if stage.absent_per_image else []
     tok = tokenizer(texts)
     xyxy = torch.tensor(boxes, dtype=torch.float32)
     patch_mask = box_patch_mask(xyxy, grid)
@@ -71,7 +85,16 @@ def collate(samples: list[TrainingSample], tokenizer: Tokenizer, cfg: XVLMConfig
             "input_ids": tok.input_ids, "attention_mask": tok.attention_mask,
             "idx": torch.tensor([text_id(c) for c in tok.captions]), "is_image": torch.tensor(is_image),
             "boxes": xyxy_to_cxcywh(xyxy), "describes": describes, "describes_image": describes_image,
-            "names_one_object": torch.tensor(box_target)}
+            "names_one_object": torch.tensor(box_target), **absent_batch(absent, tokenizer)}
+
+
+def absent_batch(absent: list[tuple[str, int]], tokenizer: Tokenizer) -> dict:
+    """The batch's absent texts, tokenised, and the image each one is a negative for; no keys when there are none."""
+    if not absent:
+        return {}
+    tok = tokenizer([text for text, _ in absent])
+    return {"absent_ids": tok.input_ids, "absent_mask": tok.attention_mask,
+            "absent_group": torch.tensor([i for _, i in absent])}
 
 
 class StepBatches(torch.utils.data.Dataset):

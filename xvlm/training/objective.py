@@ -68,9 +68,14 @@ class Pretrainer(nn.Module):
             if w.get("attn"):
                 out["attn"] = losses.attention_guidance_loss(attention[targets], batch["patch_mask"][phrases][targets])
         if w.get("itm_image"):
+            absent = None
+            if "absent_ids" in batch:                   # texts naming what their image lacks: same-image negatives
+                a_embeds, a_mask = losses.without_padding(m.encode_text(batch["absent_ids"], batch["absent_mask"]),
+                                                          batch["absent_mask"])
+                absent = (a_embeds, a_mask, batch["absent_group"])
             out["itm_image"] = losses.image_matching_loss(
                 m, fused, tokens, phrase_embeds, phrase_mask, text_feat[phrases],
-                m.image_features(tokens[:, 0]), m.temp, batch["describes_image"][phrases])
+                m.image_features(tokens[:, 0]), m.temp, batch["describes_image"][phrases], absent)
         return out
 
     def total(self, out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,11 @@ class Stage:
     align_cross_attention: bool = False       # start by pointing fusion attention where patch ITC is high
     trainable: str = "all"                    # "all", or "fusion": fusion layers + ITM/bbox heads, encoders frozen
     unique_box_targets: bool = False          # bbox/attn losses only on concepts that are box targets (one object)
+    absent_per_image: int = 0                 # texts naming what the image lacks, as its own itm_image negatives
+
+    def __post_init__(self):
+        if self.absent_per_image and not self.loss_weights.get("itm_image"):
+            raise ValueError(f"stage {self.name!r}: absent_per_image needs the itm_image loss, which reads them")
 
     def takes(self, kind: str) -> bool:
         """Whether a phrase of this kind may become one of the stage's concepts: the kinds it names, and any kind no
@@ -131,3 +136,10 @@ RECIPES["shapes-varied-cycle"] = dataclasses.replace(second_cycle(RECIPES["shape
 # varied corpus. Run with --init weights/xvlm-shapes --start-stage grounding; stage 2 sized to fit one session.
 RECIPES["shapes-varied-grid16-cycle"] = with_stage_steps(
     dataclasses.replace(second_cycle(RECIPES["shapes-grid16"], seed=3), corpus="varied"), grounding=3500)
+# The not-found verdict (`found`, xvlm.analysis.verdict): stage 3 once more on the shipped weights, with each image's
+# absent colour + shape and shape texts as its own whole-image ITM negatives. Other images of the batch, the only
+# negatives before, differ in everything; the verdict must reject "the green triangle" beside a red one. Encoders
+# stay frozen (ITC scores and heatmaps do not move); the box losses stay on so the boxes keep what they learned.
+# Run with --init weights/xvlm-shapes --start-stage verdict.
+RECIPES["shapes-verdict"] = dataclasses.replace(RECIPES["shapes"], seed=4, stages=[
+    dataclasses.replace(RECIPES["shapes"].stages[2], name="verdict", steps=1000, absent_per_image=4)])
