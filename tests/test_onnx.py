@@ -140,6 +140,64 @@ def test_models_with_some_heads_export_and_agree(make_tiny_grounder, tmp_path, h
     assert (r.box_xyxy is not None) == ("bbox" in heads) and (r.itc_image is not None) == ("itc" in heads)
 
 
+@pytest.fixture(scope="module")
+def paired_exports(make_tiny_grounder, tmp_path_factory):
+    """A box-only model and two ITC/ITM scorers for it, saved and exported: one with its own vision weights, one
+    with the box model's."""
+    import dataclasses
+
+    from xvlm import create_model
+    from xvlm.checkpoint import save_pretrained
+    from xvlm.onnx_backend import export
+
+    tmp = tmp_path_factory.mktemp("paired")
+    tiny = make_tiny_grounder(tmp)
+    cfg = tiny.model.cfg
+    torch.manual_seed(1)
+    box = create_model(dataclasses.replace(cfg, heads=("bbox",)))
+    own = create_model(dataclasses.replace(cfg, heads=("itc", "itm")))
+    shared = create_model(dataclasses.replace(cfg, heads=("itc", "itm")))
+    shared.vision_encoder.load_state_dict(box.vision_encoder.state_dict())
+    for name, m in (("box", box), ("own", own), ("shared", shared)):
+        save_pretrained(m, tmp / name, vocab=tiny.tokenizer.vocab_file)
+        export(tmp / name, tmp / f"{name}-onnx")
+    return tmp
+
+
+@pytest.mark.parametrize("scorer", ["own", "shared"])
+def test_a_box_only_export_pairs_with_a_scorer_export_as_on_pytorch(paired_exports, scorer):
+    """Boxes from the box model, ITM and ITC (image, region at the box, heatmap) from the scorer, within the parity
+    bound of the PyTorch pair; one vision pass per image when the two vision digests agree, two otherwise."""
+    from xvlm.onnx_backend import parity
+
+    torch_pair = Grounder.from_pretrained(paired_exports / "box", scorer=paired_exports / scorer, device="cpu")
+    ort_pair = Grounder.from_pretrained(paired_exports / "box-onnx", backend="onnxruntime",
+                                        scorer=paired_exports / f"{scorer}-onnx", threads=1)
+    assert ort_pair.capabilities == {"box": True, "itc": True, "itm": True, "gradcam": False}
+    assert ort_pair.itm_model is ort_pair.scorer and ort_pair.itc_model is ort_pair.scorer
+    assert max(parity(torch_pair, ort_pair, images=IMAGES[:2], phrases=PHRASES).values()) < TOL
+    r = ort_pair.ground(IMAGES[2], PHRASES[:2])
+    assert all(x.box_xyxy is not None and x.itm is not None and x.itc_region is not None for x in r)
+    passes = ort_pair.stats["vision_passes"]
+    ort_pair.ground(IMAGES[2], PHRASES[2])                           # cached: no vision pass at all
+    assert ort_pair.stats["vision_passes"] == passes == 3 * (1 if scorer == "shared" else 2)
+    np.testing.assert_allclose(ort_pair.concept_scores(IMAGES[0], PHRASES, [(10, 10, 60, 50)]),
+                               torch_pair.concept_scores(IMAGES[0], PHRASES, [(10, 10, 60, 50)]), atol=TOL)
+
+
+def test_the_cli_pairs_a_scorer_with_either_backend(paired_exports, capsys):
+    import json
+
+    for model, scorer, backend in (("box", "own", "torch"), ("box-onnx", "own-onnx", "onnxruntime")):
+        assert cli_main(["ground", str(IMAGES[0]), PHRASES[0], "--model", str(paired_exports / model), "--scorer",
+                         str(paired_exports / scorer), "--backend", backend, "--device", "cpu", "--json"]) == 0
+        row = json.loads(capsys.readouterr().out.splitlines()[0])
+        assert row["box_xyxy"] is not None and row["itm"] is not None and row["itc_image"] is not None
+    assert cli_main(["ground", str(IMAGES[0]), PHRASES[0], "--model", str(paired_exports / "box"), "--scorer",
+                     str(paired_exports / "missing")]) == 2
+    assert "--scorer folder not found" in capsys.readouterr().err
+
+
 def test_gradcam_is_reported_absent_with_the_reason(ort):
     assert ort.capabilities == {"box": True, "itc": True, "itm": True, "gradcam": False}
     assert ort.unavailable["gradcam"] == NO_GRADCAM_ONNX and "autograd" in NO_GRADCAM_ONNX

@@ -1,7 +1,8 @@
 """`python -m xvlm <command>`: ground phrases in an image; train / eval / bench are dispatched lazily.
 
-    python -m xvlm ground IMAGE PHRASE [PHRASE ...] [--model DIR | --checkpoint CKPT (--config YAML | --preset NAME)
-                          --tokenizer VOCAB] [--json [--heatmaps]] [--out figure.png] [--gradcam-layer N]
+    python -m xvlm ground IMAGE PHRASE [PHRASE ...] [--model DIR [--scorer DIR] | --checkpoint CKPT
+                          (--config YAML | --preset NAME) --tokenizer VOCAB [--scorer-checkpoint CKPT]]
+                          [--json [--heatmaps]] [--out figure.png] [--gradcam-layer N]
                           [--device cpu|cuda] [--precision fp32|bf16|int8] [--backend torch|onnxruntime]
     python -m xvlm train|eval|bench|convert|export-onnx ...   (their modules parse their own arguments)
 
@@ -74,6 +75,8 @@ def ground_parser() -> argparse.ArgumentParser:
                                                     "(config.json, model.safetensors, vocab.txt), or a Hugging Face "
                                                     "Hub repo id org/name (HF_HUB_OFFLINE=1: cache only)")
     src.add_argument("--revision", metavar="REV", help="with a Hub --model: branch, tag or commit")
+    src.add_argument("--scorer", metavar="DIR", help="a second model folder (with --backend onnxruntime: a second "
+                                                     "export) whose ITC/ITM heads score the boxes of --model")
     src.add_argument("--checkpoint", metavar="CKPT", help="an official X-VLM or X²-VLM checkpoint (.pth/.th)")
     src.add_argument("--config", metavar="YAML", help="the official task YAML of --checkpoint")
     src.add_argument("--preset", metavar="NAME", help="a built-in configuration for --checkpoint instead of --config")
@@ -96,7 +99,7 @@ def ground_parser() -> argparse.ArgumentParser:
 
 # What `_check_args` and `_load_grounder` read; commands whose parsers offer only some of these (index, search,
 # refcoco) get the rest
-MODEL_DEFAULTS = {"model": None, "revision": None, "checkpoint": None, "config": None, "preset": None,
+MODEL_DEFAULTS = {"model": None, "revision": None, "scorer": None, "checkpoint": None, "config": None, "preset": None,
                   "tokenizer": None, "scorer_checkpoint": None, "device": None, "precision": "fp32", "backend": "torch"}
 
 
@@ -108,6 +111,8 @@ def _check_args(a: argparse.Namespace) -> None:
     a = _model_options(a)
     if a.model and a.checkpoint:
         raise UsageError("give either --model or --checkpoint, not both")
+    if a.scorer and a.checkpoint:
+        raise UsageError("--scorer goes with --model; an official --checkpoint takes --scorer-checkpoint")
     if a.checkpoint:
         if (a.config is None) == (a.preset is None):
             raise UsageError("--checkpoint needs exactly one of --config YAML or --preset NAME")
@@ -119,11 +124,12 @@ def _check_args(a: argparse.Namespace) -> None:
                 raise FileNotFoundError(f"{flag} file not found: {path}")
     elif a.config or a.preset or a.tokenizer or a.scorer_checkpoint:
         raise UsageError("--config, --preset, --tokenizer and --scorer-checkpoint go with --checkpoint")
-    if a.model and not Path(a.model).is_dir():
-        from .hub import is_repo_id
+    for flag, folder in (("--model", a.model), ("--scorer", a.scorer)):
+        if folder and not Path(folder).is_dir():
+            from .hub import is_repo_id
 
-        if not is_repo_id(a.model):
-            raise FileNotFoundError(f"--model folder not found: {a.model}")
+            if not is_repo_id(folder):
+                raise FileNotFoundError(f"{flag} folder not found: {folder}")
     if a.revision and not a.model:
         raise UsageError("--revision goes with --model org/name")
     if a.backend == "onnxruntime" and (a.checkpoint or a.precision != "fp32"):
@@ -154,8 +160,9 @@ def _load_grounder(a: argparse.Namespace):
                                       scorer_checkpoint=a.scorer_checkpoint, device=a.device, precision=a.precision)
     try:
         if a.backend == "onnxruntime":
-            return Grounder.from_pretrained(a.model, revision=a.revision, backend="onnxruntime")
-        return Grounder.from_pretrained(a.model, revision=a.revision, device=a.device, precision=a.precision)
+            return Grounder.from_pretrained(a.model, revision=a.revision, scorer=a.scorer, backend="onnxruntime")
+        return Grounder.from_pretrained(a.model, revision=a.revision, scorer=a.scorer, device=a.device,
+                                        precision=a.precision)
     except FileNotFoundError as e:
         if a.model is None:
             raise FileNotFoundError(f"{e}. Or pass a model: --model DIR, or --checkpoint CKPT --config YAML "

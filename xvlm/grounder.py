@@ -174,7 +174,7 @@ class Grounder:
         self.precision_note = _precision.bf16_note(self.device) if self.precision == "bf16" else None
         if scorer is not None and scorer.cfg.vision != model.cfg.vision:
             raise ValueError("the scorer's vision encoder config differs from the box model's")
-        self._shared_vision = scorer is None or _same_weights(model.vision_encoder, scorer.vision_encoder)
+        self._shared_vision = scorer is None or self._same_vision(model, scorer)
         self.model = _precision.apply(model.eval(), self.precision).to(self.device)
         self.scorer = _precision.apply(scorer.eval(), self.precision).to(self.device) if scorer is not None else None
         self.tokenizer = tokenizer
@@ -182,6 +182,11 @@ class Grounder:
         self.cache = EncodingCache(max_entries=cache_entries)
         self.stats = {"vision_passes": 0, "cache_hits": 0}
         self._lock = threading.RLock()
+
+    @staticmethod
+    def _same_vision(model, scorer) -> bool:
+        """Whether the two models' vision encoders hold the same weights: then one vision pass serves both."""
+        return _same_weights(model.vision_encoder, scorer.vision_encoder)
 
     def compile_vision(self) -> "Grounder":
         """torch.compile the vision encoder(s) in place (parameter names unchanged). Worth it on a GPU, where the
@@ -212,7 +217,8 @@ class Grounder:
         at `revision`, cached in `cache_dir`; an existing local folder of that name wins; HF_HUB_OFFLINE=1 reads the
         cache only: xvlm.hub). No argument: the shipped default model. `scorer`: a second model folder / repo whose
         ITC/ITM heads score the boxes of a box-only model. `backend="onnxruntime"`: a folder written by
-        `python -m xvlm export-onnx` (xvlm.onnx_backend). `precision=` "fp32" | "bf16" | "int8" (xvlm.precision)."""
+        `python -m xvlm export-onnx` (xvlm.onnx_backend; `scorer` then is an export too). `precision=` "fp32" |
+        "bf16" | "int8" (xvlm.precision)."""
         if path is None:
             path = DEFAULT_WEIGHTS
         else:
@@ -221,7 +227,7 @@ class Grounder:
             from .onnx_backend import OnnxGrounder
 
             if scorer is not None:
-                raise ValueError("the onnxruntime backend serves one model; export a model with all the heads")
+                kw["scorer"] = resolve_model(scorer, cache_dir=cache_dir)
             return OnnxGrounder.from_folder(path, name=kw.pop("name", _model_name(path)), **kw)
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")

@@ -12,8 +12,9 @@ writes these graphs (fp32, dynamic batch and sequence length) beside config.json
                                                                                                  heads have)
     proj.onnx      tokens [M, C]                            -> L2-normalised vision_proj [M, D] (image / patch / concept
                                                                                                  ITC features)
-and onnx.json (format version, graph names, outputs, opset, and the parity with PyTorch fp32 measured at export).
-fusion_kv.onnx exists when the model has a box or ITM head (a model with ITC alone never fuses).
+and onnx.json (format version, graph names, outputs, opset, a digest of the vision weights, and the parity with
+PyTorch fp32 measured at export). fusion_kv.onnx exists when the model has a box or ITM head (a model with ITC alone
+never fuses).
 
 `Grounder.from_pretrained(DIR, backend="onnxruntime")` returns an `OnnxGrounder`: the same `ground` / `concepts` /
 `concept_scores` API and results, and the same cache as PyTorch: an image's tokens and its fusion keys/values are
@@ -21,13 +22,15 @@ kept with its encoding (by pixel hash), so a follow-up query on the same image r
 of a query share one image's keys/values instead of projecting them per phrase. Phrases are padded to the longest
 in the query (the PyTorch path packs them; the padding is masked, the numbers agree within the parity bound).
 Grad-CAM needs autograd, which ONNX Runtime's inference sessions do not have: `capabilities["gradcam"]` is False and
-`unavailable["gradcam"]` says why. A box-only checkpoint cannot be paired with a scorer here (the PyTorch backend
-does that). Parity with PyTorch fp32 on the official fixture: tests/test_onnx.py
-(within 1e-4).
+`unavailable["gradcam"]` says why. A box-only model pairs with a scorer as on PyTorch: export both, then
+`Grounder.from_pretrained(BOX_EXPORT, backend="onnxruntime", scorer=SCORER_EXPORT)`; the boxes come from the first,
+ITM and ITC from the second, and one vision pass serves both when their vision digests agree. Parity with PyTorch
+fp32 on the official fixture and for a paired box model + scorer: tests/test_onnx.py (within 1e-4).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -162,11 +165,22 @@ def export(model_dir: str | Path, out: str | Path, opset: int = OPSET, overwrite
         if (src / name).resolve() != (out / name).resolve():
             shutil.copyfile(src / name, out / name)
     manifest = {"format": "xvlm-onnx", "version": FORMAT, "opset": opset, "source": str(model_dir),
-                "graphs": {k: v for k, v in GRAPHS.items() if (out / v).is_file()}, "text_outputs": text.outputs()}
+                "graphs": {k: v for k, v in GRAPHS.items() if (out / v).is_file()}, "text_outputs": text.outputs(),
+                "vision_sha256": vision_digest(m)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["parity"] = parity(g, OnnxGrounder.from_folder(out))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def vision_digest(model) -> str:
+    """sha256 of the vision encoder's weights (names and bytes): two exports with equal digests share vision passes
+    when paired (box model + scorer)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.vision_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def parity(reference: Grounder, other: Grounder, images=None, phrases=None) -> dict[str, float]:
@@ -207,7 +221,19 @@ class _OrtModel:
                          for k, v in manifest["graphs"].items()}
         self.text_outputs = manifest["text_outputs"]
         self.text_inputs = {i.name for i in self.sessions["text"].get_inputs()}
+        self.vision_sha256 = manifest.get("vision_sha256")       # None: exported before digests were written
         self.cfg = cfg
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None) -> "_OrtModel":
+        from .checkpoint import CONFIG_NAME
+        from .config import XVLMConfig
+
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise FileNotFoundError(f"no ONNX export in {folder} ({MANIFEST} missing): run `python -m xvlm "
+                                    f"export-onnx --model MODEL --out {folder}` first")
+        return cls(folder, XVLMConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())), threads)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -257,21 +283,23 @@ class OnnxGrounder(Grounder):
     """A Grounder whose forward passes run in ONNX Runtime (CPU, fp32); see the module docstring."""
 
     @classmethod
-    def from_folder(cls, folder: str | Path, threads: int | None = None, **kw) -> "OnnxGrounder":
-        from .checkpoint import CONFIG_NAME
-        from .config import XVLMConfig
+    def from_folder(cls, folder: str | Path, threads: int | None = None, scorer: str | Path | None = None,
+                    **kw) -> "OnnxGrounder":
+        """The export in `folder`; `scorer`: a second export whose ITC/ITM heads score the first one's boxes."""
         from .preprocess import Tokenizer
 
-        folder = Path(folder)
-        if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"no ONNX export in {folder} ({MANIFEST} missing): run `python -m xvlm "
-                                    f"export-onnx --model MODEL --out {folder}` first")
         if kw.pop("precision", "fp32") not in (None, "fp32"):
             raise ValueError("the onnxruntime backend runs the exported fp32 graphs: precision must be 'fp32'")
-        cfg = XVLMConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-        tok = Tokenizer(folder, max_tokens=cfg.max_tokens, max_words=cfg.max_words)
+        model = _OrtModel.load(folder, threads)
+        tok = Tokenizer(Path(folder), max_tokens=model.cfg.max_tokens, max_words=model.cfg.max_words)
+        if scorer is not None:
+            kw["scorer"] = _OrtModel.load(scorer, threads)
         kw.setdefault("device", "cpu")
-        return cls(_OrtModel(folder, cfg, threads), tok, name=kw.pop("name", folder.name), **kw)
+        return cls(model, tok, name=kw.pop("name", Path(folder).name), **kw)
+
+    @staticmethod
+    def _same_vision(model: _OrtModel, scorer: _OrtModel) -> bool:
+        return model.vision_sha256 is not None and model.vision_sha256 == scorer.vision_sha256
 
     @property
     def unavailable(self) -> dict[str, str]:
@@ -285,29 +313,37 @@ class OnnxGrounder(Grounder):
 
     def ground(self, image, phrases: str | list[str]) -> GroundingResult | list[GroundingResult]:
         px, text, results = self._prepare(image, phrases)        # the torch Grounder's input and output sides
-        m: _OrtModel = self.model
-        enc = self.encode(px, m)
-        tokens = enc.tokens
-        out = m.text(text.input_ids, text.attention_mask, self.keys_values(enc, m) if m.fuses else None)
+        runs: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {}
+
+        def run(m: _OrtModel):
+            """(image tokens, text graph outputs) of one model, once per query: the box model, the scorer, or both."""
+            role = self._role(m)
+            if role not in runs:
+                enc = self.encode(px, m)
+                runs[role] = enc.tokens, m.text(text.input_ids, text.attention_mask,
+                                                self.keys_values(enc, m) if m.fuses else None)
+            return runs[role]
+
         boxes = None
-        if "box" in out:
-            boxes = torch.from_numpy(out["box"])
+        if "bbox" in self.model.heads:
+            boxes = torch.from_numpy(run(self.model)[1]["box"])
             postprocess.set_boxes(results, boxes)
         else:
             for r in results:
                 r.notes["box"] = self._note("box")
-        if "itm_logits" in out:
-            probs = torch.from_numpy(out["itm_logits"]).softmax(dim=-1)[:, 1]
+        if self.itm_model is not None:
+            probs = torch.from_numpy(run(self.itm_model)[1]["itm_logits"]).softmax(dim=-1)[:, 1]
             for r, p in zip(results, probs):
                 r.itm = float(p)
         else:
             for r in results:
                 r.notes["itm"] = self._note("itm")
-        if "text_feat" not in out:
+        if self.itc_model is None:
             for r in results:
                 r.notes["itc"] = NO_ITC
         else:
-            self._itc_onnx(tokens, torch.from_numpy(out["text_feat"]), boxes, results)
+            tokens, out = run(self.itc_model)
+            self._itc_onnx(self.itc_model, tokens, torch.from_numpy(out["text_feat"]), boxes, results)
         return self._finish(results, single=isinstance(phrases, str))
 
     def _note(self, what: str) -> str:
@@ -315,8 +351,7 @@ class OnnxGrounder(Grounder):
 
         return {"box": NO_BOX, "itm": NO_ITM}[what]
 
-    def _itc_onnx(self, tokens, text_feat, boxes, results) -> None:
-        m: _OrtModel = self.model
+    def _itc_onnx(self, m: _OrtModel, tokens, text_feat, boxes, results) -> None:
         G = self.grid_size
         postprocess.set_image_itc(results, text_feat, m.image_features(tokens[0]), G)    # features [1+N, D]
         if boxes is None:
@@ -328,15 +363,16 @@ class OnnxGrounder(Grounder):
                                    masks, G)
 
     def concept_scores(self, image, phrases: list[str], boxes) -> np.ndarray:
-        if "itc" not in self.model.heads:
+        m: _OrtModel | None = self.itc_model
+        if m is None:
             raise RuntimeError(NO_ITC)
         phrase_list = check_phrases(phrases)
         concepts = self.concepts(image, boxes)
         text = self.tokenizer(phrase_list)
-        enc = self.encode(self.read_image(image), self.model)
-        kv = self.keys_values(enc, self.model) if self.model.fuses else None
-        text_feat = torch.from_numpy(self.model.text(text.input_ids, text.attention_mask, kv)["text_feat"])
-        return postprocess.phrase_box_matrix(text_feat, self.model.image_features(concepts)).numpy()
+        enc = self.encode(self.read_image(image), m)
+        kv = self.keys_values(enc, m) if m.fuses else None
+        text_feat = torch.from_numpy(m.text(text.input_ids, text.attention_mask, kv)["text_feat"])
+        return postprocess.phrase_box_matrix(text_feat, m.image_features(concepts)).numpy()
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
@@ -372,4 +408,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["export", "parity", "OnnxGrounder", "main", "NO_GRADCAM_ONNX"]
+__all__ = ["export", "parity", "vision_digest", "OnnxGrounder", "main", "NO_GRADCAM_ONNX"]
