@@ -11,6 +11,10 @@ Options (each also an environment variable, the flag wins):
     --model DIR         XVLM_MODEL        a model folder in our format (config.json + model.safetensors + vocab.txt)
                                           or a Hugging Face Hub model repo id org/name (HF_HUB_OFFLINE=1: cache only)
     --revision REV      XVLM_REVISION     ... the Hub repo's branch, tag or commit
+    --scorer DIR        XVLM_SCORER       ... scored by a second model folder / Hub repo with ITC/ITM heads (for a
+                                          box-only model: ITC heatmaps, ITM, Grad-CAM beside its boxes)
+    --scorer-checkpoint FILE  XVLM_SCORER_CHECKPOINT  ... the same for --checkpoint: an official pre-trained
+                                          checkpoint (same config) whose ITC/ITM heads score the boxes
     --precision P       XVLM_PRECISION    fp32 (default, exact) | bf16 (autocast) | int8 (CPU, dynamic quantisation)
     --compile           XVLM_COMPILE=1    torch.compile the vision encoder (worth it on a GPU; slow first load)
     --host, --port, --share               where to serve (default 127.0.0.1:7860; 0.0.0.0 on a Space)
@@ -41,6 +45,10 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=defaults["tokenizer"], help="vocab.txt (or folder) for --checkpoint")
     p.add_argument("--model", default=defaults["model"], help="model folder in our format, or a Hub repo id")
     p.add_argument("--revision", default=defaults["revision"], help="Hub revision of --model")
+    p.add_argument("--scorer", default=defaults["scorer"],
+                   help="with --model: a model folder or Hub repo id whose ITC/ITM heads score its boxes")
+    p.add_argument("--scorer-checkpoint", default=defaults["scorer_checkpoint"],
+                   help="with --checkpoint: an official checkpoint whose ITC/ITM heads score its boxes")
     p.add_argument("--precision", default=defaults["precision"] or "fp32", choices=("fp32", "bf16", "int8"),
                    help="inference precision of every model (default fp32)")
     p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
@@ -54,7 +62,8 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
 def build_registry(args: argparse.Namespace) -> ModelRegistry:
     specs = specs_from_options(checkpoint=args.checkpoint, preset=args.preset, config=args.config,
                                tokenizer=args.tokenizer, model=args.model, revision=args.revision,
-                               precision=args.precision)
+                               precision=args.precision, scorer=args.scorer,
+                               scorer_checkpoint=args.scorer_checkpoint)
     if not specs:
         raise ModelUnavailable(missing_default_message())
     for spec in specs:

@@ -8,6 +8,10 @@ Sources, in the order they appear in the selector:
     --precision / XVLM_PRECISION        fp32 (default) | bf16 | int8, for every model (xvlm.precision)
     --checkpoint FILE / XVLM_CHECKPOINT an official X-VLM / X²-VLM checkpoint, shaped by --config YAML (XVLM_CONFIG) or
                                         --preset NAME (XVLM_PRESET), with --tokenizer vocab.txt (XVLM_TOKENIZER)
+    --scorer / XVLM_SCORER, --scorer-checkpoint / XVLM_SCORER_CHECKPOINT
+                                        a second model (folder or Hub repo id; official checkpoint) whose ITC/ITM heads
+                                        score the boxes of --model / --checkpoint, for box-only models such as the
+                                        RefCOCO+ bbox checkpoints
     the shipped default model           weights/xvlm-shapes/ (`Grounder.from_pretrained()`), when present
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from xvlm.hub import is_repo_id
 from .zerogpu import on_zerogpu
 
 ENV_VARS = ("XVLM_CHECKPOINT", "XVLM_PRESET", "XVLM_CONFIG", "XVLM_TOKENIZER", "XVLM_MODEL", "XVLM_REVISION",
-            "XVLM_PRECISION")
+            "XVLM_PRECISION", "XVLM_SCORER", "XVLM_SCORER_CHECKPOINT")
 DEFAULT_NAME = "xvlm-shapes (default)"
 
 
@@ -41,18 +45,22 @@ class ModelSpec:
     config: str | None = None                   # official: task YAML
     preset: str | None = None                   # official: built-in preset name
     tokenizer: str | None = None                # official: vocab.txt or its folder
+    scorer: str | None = None                   # ITC/ITM for a box-only model: a folder / repo id, or a checkpoint
     kwargs: dict = field(default_factory=dict)  # extra Grounder arguments (e.g. device)
 
     def problems(self) -> list[str]:
         """What is wrong with this spec before trying to load it (missing files, missing arguments)."""
         out = []
         if self.kind == "pretrained":
-            hub_id = not Path(self.path).exists() and is_repo_id(self.path)   # resolved (and checked) when loading
-            if not hub_id and not (Path(self.path) / "config.json").is_file():
-                out.append(f"no model in {self.path} (expected config.json, model.safetensors and vocab.txt)")
+            for what, path in (("model", self.path), ("scorer model", self.scorer)):
+                hub_id = path is not None and not Path(path).exists() and is_repo_id(path)   # checked when loading
+                if path is not None and not hub_id and not (Path(path) / "config.json").is_file():
+                    out.append(f"no {what} in {path} (expected config.json, model.safetensors and vocab.txt)")
         elif self.kind == "official":
             if not Path(self.path).is_file():
                 out.append(f"checkpoint not found: {self.path}")
+            if self.scorer is not None and not Path(self.scorer).is_file():
+                out.append(f"scorer checkpoint not found: {self.scorer}")
             if (self.config is None) == (self.preset is None):
                 out.append("an official checkpoint needs exactly one of --config (task YAML) or --preset")
             if self.config is not None and not Path(self.config).is_file():
@@ -70,9 +78,9 @@ class ModelSpec:
         if bad:
             raise ModelUnavailable(f"model '{self.name}': " + "; ".join(bad))
         if self.kind == "pretrained":
-            return Grounder.from_pretrained(self.path, name=self.name, **self.kwargs)
+            return Grounder.from_pretrained(self.path, scorer=self.scorer, name=self.name, **self.kwargs)
         return Grounder.from_official(self.path, config=self.config, preset=self.preset, tokenizer=self.tokenizer,
-                                      name=self.name, **self.kwargs)
+                                      scorer_checkpoint=self.scorer, name=self.name, **self.kwargs)
 
 
 class ModelRegistry:
@@ -161,32 +169,41 @@ def missing_default_message() -> str:
 def specs_from_options(checkpoint: str | None = None, preset: str | None = None, config: str | None = None,
                        tokenizer: str | None = None, model: str | None = None,
                        default_weights: str | Path | None = DEFAULT_WEIGHTS, revision: str | None = None,
-                       precision: str | None = None) -> list[ModelSpec]:
+                       precision: str | None = None, scorer: str | None = None,
+                       scorer_checkpoint: str | None = None) -> list[ModelSpec]:
     """The selector's models: the ones named by flags/env vars first (the first one is selected), then the default
-    model when its folder exists. `precision` applies to every model; `revision` to a Hub `model`."""
+    model when its folder exists. `precision` applies to every model; `revision` to a Hub `model`; `scorer` pairs
+    with `model`, `scorer_checkpoint` with `checkpoint`."""
     specs = []
     if model:
         hub_id = not Path(model).exists() and is_repo_id(model)
         label = f"{model}{'@' + revision if revision else ''} (Hub)" if hub_id else f"{Path(model).name} (model folder)"
-        specs.append(ModelSpec(name=label, kind="pretrained", path=str(model),
+        specs.append(ModelSpec(name=label + _scored_by(scorer), kind="pretrained", path=str(model), scorer=scorer,
                                kwargs={"revision": revision} if hub_id and revision else {}))
-    elif revision:
-        raise ModelUnavailable("--revision (XVLM_REVISION) goes with a Hub --model org/name (XVLM_MODEL)")
+    elif revision or scorer:
+        raise ModelUnavailable("--revision (XVLM_REVISION) and --scorer (XVLM_SCORER) go with --model (XVLM_MODEL)")
     if checkpoint:
         p = Path(checkpoint)
         label = f"{p.parent.name}/{p.name}" if p.parent.name else p.name
         family = official_family(config, preset)         # the selector tells X-VLM and X²-VLM files apart
-        specs.append(ModelSpec(name=f"{label} (official{' ' + family if family else ''})", kind="official",
-                               path=str(checkpoint), config=config, preset=preset, tokenizer=tokenizer))
-    elif config or preset or tokenizer:
-        raise ModelUnavailable("--config/--preset/--tokenizer (XVLM_CONFIG/XVLM_PRESET/XVLM_TOKENIZER) describe an "
-                               "official checkpoint: give it with --checkpoint (XVLM_CHECKPOINT)")
+        name = f"{label} (official{' ' + family if family else ''})" + _scored_by(scorer_checkpoint)
+        specs.append(ModelSpec(name=name, kind="official", path=str(checkpoint), config=config, preset=preset,
+                               tokenizer=tokenizer, scorer=scorer_checkpoint))
+    elif config or preset or tokenizer or scorer_checkpoint:
+        raise ModelUnavailable("--config/--preset/--tokenizer/--scorer-checkpoint (XVLM_CONFIG/XVLM_PRESET/"
+                               "XVLM_TOKENIZER/XVLM_SCORER_CHECKPOINT) describe an official checkpoint: give it with "
+                               "--checkpoint (XVLM_CHECKPOINT)")
     if default_weights is not None and (Path(default_weights) / "config.json").is_file():
         specs.append(ModelSpec(name=DEFAULT_NAME, kind="pretrained", path=str(default_weights)))
     if precision:
         for s in specs:
             s.kwargs["precision"] = precision
     return specs
+
+
+def _scored_by(scorer: str | None) -> str:
+    """The selector label's note of a paired scorer."""
+    return f" + scorer {Path(scorer).name}" if scorer else ""
 
 
 def options_from_env(env: Mapping[str, str] | None = None) -> dict[str, str | None]:

@@ -335,6 +335,32 @@ def test_model_registry_is_lazy_and_explains_problems(tmp_path, box_only_checkpo
     assert [s.name for s in specs_from_options(default_weights=tmp_path)] == [DEFAULT_NAME]
 
 
+def test_a_box_only_checkpoint_served_with_a_scorer_gets_itc_and_itm(tmp_path, box_only_checkpoint, load_script):
+    """--scorer-checkpoint (XVLM_SCORER_CHECKPOINT) pairs the official box-only checkpoint with one that has the
+    ITC/ITM heads, as `Grounder.from_official(..., scorer_checkpoint=...)` does; a scorer without its model, or a
+    missing scorer file, is a clear message."""
+    main = load_script("app.py")
+    env = {"XVLM_CHECKPOINT": str(box_only_checkpoint), "XVLM_CONFIG": str(F / "Grounding_bbox.yaml"),
+           "XVLM_TOKENIZER": str(F / "vocab.txt"), "XVLM_SCORER_CHECKPOINT": str(F / "checkpoint.pth")}
+    reg = main.build_registry(main.parse_args([], env=env))
+    name = reg.default
+    assert name.endswith("+ scorer checkpoint.pth")
+    g = reg.get(name)
+    assert g.capabilities == {"box": True, "itc": True, "itm": True, "gradcam": True}
+    direct = Grounder.from_official(box_only_checkpoint, config=F / "Grounding_bbox.yaml", tokenizer=F / "vocab.txt",
+                                    scorer_checkpoint=F / "checkpoint.pth", device="cpu")
+    a, b = g.ground(IMG, "the red circle"), direct.ground(IMG, "the red circle")
+    assert (a.box_cxcywh, a.itm, a.itc_region) == (b.box_cxcywh, b.itm, b.itc_region) and a.itm is not None
+    with pytest.raises(ModelUnavailable, match="scorer checkpoint not found"):
+        main.build_registry(main.parse_args(["--scorer-checkpoint", str(tmp_path / "gone.pth")], env=env))
+    with pytest.raises(ModelUnavailable, match="--scorer-checkpoint"):
+        specs_from_options(scorer_checkpoint=str(F / "checkpoint.pth"), default_weights=None)
+    with pytest.raises(ModelUnavailable, match="--scorer"):
+        specs_from_options(scorer=str(tmp_path), default_weights=None)
+    spec = specs_from_options(model=str(tmp_path), scorer=str(tmp_path / "none"), default_weights=None)[0]
+    assert any("no scorer model in" in p for p in spec.problems())
+
+
 def test_app_flags_and_env_vars(tmp_path, capsys, load_script):
     main = load_script("app.py")
     env = {"XVLM_CHECKPOINT": "env.pth", "XVLM_PRESET": "xvlm-base-4m", "XVLM_TOKENIZER": "vocab.txt",
