@@ -59,8 +59,20 @@ def describe_knowledge(g, model_dir: str | Path | None = None) -> str:
         heads = ", ".join(f"{h} {r['acc@0.5']:.0%}" for h, r in block.get("head", {}).items() if h != "noun only")
         parts.append(f"{row['acc@0.5']:.1%} ({row['n']} expressions) on scenes drawn by an independent renderer"
                      + (f" ({heads})" if heads else ""))
+    verdict = _verdict_rates(measured)
     return (knows + " **Measured accuracy (model card):** " + "; ".join(parts)
-            + ". Expect wrong boxes on anything unlike those scenes, photos above all.")
+            + ". Expect wrong boxes on anything unlike those scenes, photos above all." + verdict)
+
+
+def _verdict_rates(measured: dict) -> str:
+    """The not-found verdict's measured rates, as a sentence ('' when no report has them)."""
+    rates = []
+    for key, where in (("in_distribution", "held-out scenes"), ("cross_renderer", "the independent renderer's scenes")):
+        found = measured.get(key, {}).get("found") or {}
+        if found.get("absent_rejected") is not None and found.get("present_kept") is not None:
+            rates.append(f"{found['absent_rejected']:.0%} of absent objects called not found and "
+                         f"{found['present_kept']:.0%} of present ones found on {where}")
+    return f" **The 'not found' verdict:** {'; '.join(rates)}." if rates else ""
 
 
 def unknown_word_warning(index: int, result) -> str | None:

@@ -106,6 +106,10 @@ def test_cross_renderer_eval_on_a_tiny_model_and_through_the_cli(tmp_path, capsy
     n = sum(len(s.refexps) for s in cross_scenes(3))
     assert block["grounding"]["all"]["n"] == n == sum(r["n"] for r in block["head"].values())
     assert block["misses"]["n"] == sum(v for k, v in block["misses"].items() if k != "n")
+    found = block["found"]                    # the verdict: absent phrases against the scenes' referring expressions
+    assert found["n_absent"] >= 3 and 0 < found["n_present"] <= n and not found["calibrated"]
+    assert found["by_kind"]["object"]["n"] == 0 and found["by_kind"]["refexp"]["n"] == found["n_present"]
+    assert 0 <= found["absent_rejected"] <= 1 and 0 <= found["present_kept"] <= 1
     model = tmp_path / "model"
     save_pretrained(g.model, model, vocab=g.tokenizer.vocab_file)
     out = tmp_path / "cross.json"
@@ -115,6 +119,8 @@ def test_cross_renderer_eval_on_a_tiny_model_and_through_the_cli(tmp_path, capsy
     assert set(report) == {"model", "cross_renderer"}
     assert sorted(p.name for p in tmp_path.glob("cross*")) == ["cross.json"]   # no in-distribution reference beside it
     assert report["cross_renderer"]["grounding"]["all"]["n"] == n
-    assert "cross-renderer eval" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cross-renderer eval" in printed and "not-found verdict" in printed
+    assert report["cross_renderer"]["found"] == found
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--cross-only"])

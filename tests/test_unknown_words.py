@@ -90,6 +90,9 @@ def test_app_states_what_the_model_knows_and_its_measured_accuracy(shapes, tmp_p
     assert f"{report['grounding']['all']['acc@0.5']:.1%}" in text
     cross = json.loads((DEFAULT_WEIGHTS.parent / "eval-cross-renderer.json").read_text())["cross_renderer"]
     assert f"{cross['grounding']['all']['acc@0.5']:.1%}" in text and "independent renderer" in text
+    for found in (report["found"], cross["found"]):           # the verdict's rates, next to the boxes'
+        assert f"{found['absent_rejected']:.0%} of absent objects called not found and " \
+               f"{found['present_kept']:.0%} of present ones found" in text
     # reports are matched to the model by name: another folder gets none
     other = tmp_path / "other-model"
     other.mkdir()

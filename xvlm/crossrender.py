@@ -98,6 +98,12 @@ class CrossScene:
     objects: list[Thing]
     refexps: list[Expression] = field(default_factory=list)
 
+    @property
+    def objects_text(self) -> list:
+        """Object labels: none (this renderer writes referring expressions only), so the not-found verdict's present
+        phrases here are the referring expressions."""
+        return []
+
 
 # --- drawing -----------------------------------------------------------------------------------------------------
 def _bgr(rng: np.random.Generator, name: str) -> tuple[int, int, int]:
@@ -325,7 +331,9 @@ def head_of(named_by: str | None) -> str | None:
 
 def evaluate_cross_renderer(g, n_scenes: int = 300, seed: int = CROSS_SEED) -> dict:
     """Acc@0.5 (and mean IoU, centre in, pointing) on `n_scenes` OpenCV scenes: overall and by kind, by the words
-    naming the target, by head, and by size word."""
+    naming the target, by head, and by size word; and the not-found verdict at the model's threshold (absent colour +
+    shape and shape phrases against the scenes' referring expressions)."""
+    from .analysis import verdict
     from .evaluate import _accuracy_row, ground_expressions, grounding_accuracy
 
     scenes = cross_scenes(n_scenes, seed)
@@ -344,7 +352,8 @@ def evaluate_cross_renderer(g, n_scenes: int = 300, seed: int = CROSS_SEED) -> d
             "head": grounding_accuracy(records, by="head"), "size_word": by_size,
             "misses": {"n": len(misses), "on_no_object": sum(r["landed_on"] == "none" for r in misses),
                        "right_object_wrong_extent": sum(r["landed_on"] == "target" for r in misses),
-                       "other_object": sum(r["landed_on"] not in ("none", "target") for r in misses)}}
+                       "other_object": sum(r["landed_on"] not in ("none", "target") for r in misses)},
+            "found": verdict.evaluate_found(g, scenes, seed)}
 
 
 def format_cross_report(block: dict) -> str:
@@ -359,4 +368,6 @@ def format_cross_report(block: dict) -> str:
     m = block["misses"]
     lines += ["", f"misses: {m['n']}: box centre on no object {m['on_no_object']}, on the target with a wrong extent "
                   f"{m['right_object_wrong_extent']}, on another object {m['other_object']}"]
+    from .analysis.verdict import format_found
+    lines += format_found(block.get("found", {}))
     return "\n".join(lines)
