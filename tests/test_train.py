@@ -218,18 +218,21 @@ def test_a_second_cycle_continues_the_trained_fusion_instead_of_re_aligning_it(t
         assert (change > 0.5) == realigned, (realigned, change)
 
 
-def test_the_verdict_recipe_adds_absent_negatives_to_the_shipped_model_and_leaves_its_encoders(tmp_path):
-    """How the shipped model's not-found verdict was trained (`shapes-verdict` from the previous export): its one stage
-    computes whole-image ITM with each image's absent texts, and trains only the fusion layers and the heads."""
-    from xvlm.training.recipes import with_stage_steps
-    recipe = with_stage_steps(dataclasses.replace(RECIPES["shapes-verdict"], batch_images=3), verdict=2)
+@pytest.mark.parametrize("name, losses", [("shapes-verdict", {"itm_image", "itm", "l1", "attn"}),
+                                          ("shapes-retrieval", {"itm_image", "itm_caption", "itm", "l1", "attn"})])
+def test_the_last_stages_of_the_shipped_model_run_from_its_weights_and_leave_its_encoders(tmp_path, name, losses):
+    """How the shipped model's last stages were trained (`shapes-verdict`, then `shapes-retrieval`, each from the
+    previous export): one stage each, whole-image ITM with each image's absent texts (and, for retrieval, caption ITM),
+    training only the fusion layers and the heads."""
+    recipe = dataclasses.replace(RECIPES[name], batch_images=3)
+    recipe = dataclasses.replace(recipe, stages=[dataclasses.replace(recipe.stages[0], steps=2)])
     stage = recipe.stages[0]
     assert stage.absent_per_image > 0 and stage.loss_weights.get("itm_image") and stage.trainable == "fusion"
     shipped = ROOT / "weights" / "xvlm-shapes"
     train(recipe, tmp_path / "run", progress=False, init=shipped, start_stage=stage.name,
           vocab=str(shipped / "vocab.txt"))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all({"itm_image", "itm", "l1", "attn"} <= set(row) for row in log)
+    assert len(log) == 2 and all(losses <= set(row) for row in log)
     before = load_file(shipped / "model.safetensors")
     after = load_file(tmp_path / "run" / "final" / "model.safetensors")
     fusion = tuple(f"text_encoder.encoder.layer.{i}." for i in range(2, 4))
@@ -616,6 +619,39 @@ def test_image_matching_loss_takes_absent_texts_as_negatives_of_their_own_image(
     without = image_matching_loss(model, own, tokens, torch.zeros(2, 2, 4), torch.ones(2, 2), feats, feats, 0.1,
                                   no_other_image)
     torch.testing.assert_close(without, torch.nn.functional.softplus(torch.tensor(-2.0)))
+
+
+def test_caption_itm_draws_its_negatives_among_the_captions_only(tmp_path, monkeypatch):
+    """`itm_caption`: ITM of each caption with its whole image, negatives drawn among the batch's captions (the pairs
+    retrieval's ITM re-rank compares); the phrases take no part, and a batch with one caption has nothing to learn."""
+    from xvlm import losses
+    from xvlm.training.objective import Pretrainer
+    from xvlm.training.recipes import Stage
+    from xvlm.training.sources import SyntheticSource, make_tokenizer
+    cfg = model_config(RECIPES["shapes-tiny"])
+    tok = make_tokenizer(tmp_path, cfg, None)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size))
+    stage = Stage("t", 1, 1e-3, {"itm_caption": 1}, ("object",), phrases_per_image=3)
+    batch = collate(SyntheticSource(0).batch(0, 0, 4), tok, cfg, stage, random.Random(0))
+    captions = int(batch["is_image"].sum())
+    assert captions == 4 and len(batch["is_image"]) > captions
+    drawn = []
+    real = losses.sample_hard_negatives
+
+    def spy(image_feat, text_feat, temp, idx, *args, **kw):
+        drawn.append((len(image_feat), len(text_feat)))
+        return real(image_feat, text_feat, temp, idx, *args, **kw)
+
+    monkeypatch.setattr(losses, "sample_hard_negatives", spy)
+    torch.manual_seed(0)
+    objective = Pretrainer(XVLM(cfg), tok, 0.0)
+    objective.weights = dict(stage.loss_weights)
+    out = objective(batch)
+    assert set(out) == {"itm_caption"} and drawn == [(captions, captions)] and torch.isfinite(out["itm_caption"])
+    out["itm_caption"].backward()
+    assert objective.model.itm_head[0].weight.grad.abs().sum() > 0
+    one = collate(SyntheticSource(0).batch(0, 0, 1), tok, cfg, stage, random.Random(0))
+    assert objective(one) == {}
 
 
 def test_per_image_cross_attention_equals_attention_over_each_texts_own_tokens():

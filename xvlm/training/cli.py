@@ -4,7 +4,9 @@
     python -m xvlm train --recipe shapes-cycle2 --init runs/shapes/final --start-stage grounding \\
         --out runs/shapes-cycle2
     python -m xvlm train --recipe shapes-verdict --init runs/shapes-cycle2/final --start-stage verdict \\
-        --out runs/shapes-verdict --export weights/xvlm-shapes                        # the shipped model
+        --out runs/shapes-verdict
+    python -m xvlm train --recipe shapes-retrieval --init runs/shapes-verdict/final --start-stage retrieval \\
+        --out runs/shapes-retrieval --export weights/xvlm-shapes                      # the shipped model
     torchrun --nproc_per_node 2 -m xvlm train --recipe shapes-tiny --out runs/ddp     # DDP (gloo on CPU, nccl on GPU)
 
 A step: B images -> one vision pass -> P (visual concept, text) pairs: each image's caption with the whole image, and

@@ -48,6 +48,14 @@ class Pretrainer(nn.Module):
                                                                 batch.get("describes"))
             out["itm"] = losses.matching_loss(m, visual, batch["patch_mask"], text_embeds, tmask, neg_image,
                                               neg_text, by_length)
+        if w.get("itm_caption"):     # image-caption ITM, negatives among captions: what retrieval's re-rank asks
+            caps = batch["is_image"].nonzero().squeeze(1)
+            if len(caps) > 1:
+                neg_image, neg_text = losses.sample_hard_negatives(image_feat[caps], text_feat[caps], m.temp,
+                                                                    batch["idx"][caps])
+                out["itm_caption"] = losses.matching_loss(
+                    m, visual.select(caps), batch["patch_mask"][caps], text_embeds[caps], tmask[caps], neg_image,
+                    neg_text, [torch.ones(len(caps), dtype=torch.bool, device=caps.device)])
         if w.get("mlm"):
             t = self.tokenizer
             masked, labels = losses.mask_tokens(ids, tmask, t.mask_id, t.vocab_size, self.mask_prob,

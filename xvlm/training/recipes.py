@@ -18,7 +18,7 @@ class Stage:
     name: str
     steps: int
     lr: float
-    loss_weights: dict[str, float]            # among itc, itm, itm_image, mlm, bbox (L1 + GIoU), attn; 0 = off
+    loss_weights: dict[str, float]            # itc, itm, itm_image, itm_caption, mlm, bbox (L1 + GIoU), attn; 0 off
     phrase_kinds: tuple[str, ...]             # which phrases become concepts: object, region, attribute, ...
     phrases_per_image: int = 4
     warmup: int = 100
@@ -143,3 +143,10 @@ RECIPES["shapes-varied-grid16-cycle"] = with_stage_steps(
 # Run with --init weights/xvlm-shapes --start-stage verdict.
 RECIPES["shapes-verdict"] = dataclasses.replace(RECIPES["shapes"], seed=4, stages=[
     dataclasses.replace(RECIPES["shapes"].stages[2], name="verdict", steps=1000, absent_per_image=4)])
+# Retrieval's ITM re-rank (X-VLM's protocol: ITC top-k, then the ITM logit): the not-found stage once more with
+# image-caption ITM whose negatives are the batch's captions (`itm_caption`). Until then captions were about one
+# pair in ten of the `itm` loss, and whole-image ITM scored any scene's caption alike. Run with
+# --init weights/xvlm-shapes --start-stage retrieval.
+RECIPES["shapes-retrieval"] = dataclasses.replace(RECIPES["shapes-verdict"], seed=5, stages=[
+    dataclasses.replace(RECIPES["shapes-verdict"].stages[0], name="retrieval",
+                        loss_weights={**RECIPES["shapes-verdict"].stages[0].loss_weights, "itm_caption": 1})])
