@@ -136,17 +136,17 @@ RECIPES["shapes-varied-cycle"] = dataclasses.replace(second_cycle(RECIPES["shape
 # varied corpus. Run with --init weights/xvlm-shapes --start-stage grounding; stage 2 sized to fit one session.
 RECIPES["shapes-varied-grid16-cycle"] = with_stage_steps(
     dataclasses.replace(second_cycle(RECIPES["shapes-grid16"], seed=3), corpus="varied"), grounding=3500)
-# The not-found verdict (`found`, xvlm.analysis.verdict): stage 3 once more on the shipped weights, with each image's
-# absent colour + shape and shape texts as its own whole-image ITM negatives. Other images of the batch, the only
+# The not-found verdict (`found`, xvlm.analysis.verdict): stage 3 once more on the shapes-cycle2 model, with each
+# image's absent colour + shape and shape texts as its own whole-image ITM negatives. Other images of the batch, the only
 # negatives before, differ in everything; the verdict must reject "the green triangle" beside a red one. Encoders
 # stay frozen (ITC scores and heatmaps do not move); the box losses stay on so the boxes keep what they learned.
-# Run with --init weights/xvlm-shapes --start-stage verdict.
+# Run with --init <the shapes-cycle2 export> --start-stage verdict.
 RECIPES["shapes-verdict"] = dataclasses.replace(RECIPES["shapes"], seed=4, stages=[
     dataclasses.replace(RECIPES["shapes"].stages[2], name="verdict", steps=1000, absent_per_image=4)])
 # Retrieval's ITM re-rank (X-VLM's protocol: ITC top-k, then the ITM logit): the not-found stage once more with
 # image-caption ITM whose negatives are the batch's captions (`itm_caption`). Until then captions were about one
 # pair in ten of the `itm` loss, and whole-image ITM scored any scene's caption alike. Run with
-# --init weights/xvlm-shapes --start-stage retrieval.
+# --init <the shapes-verdict export> --start-stage retrieval; its export is the shipped model.
 RECIPES["shapes-retrieval"] = dataclasses.replace(RECIPES["shapes-verdict"], seed=5, stages=[
     dataclasses.replace(RECIPES["shapes-verdict"].stages[0], name="retrieval",
                         loss_weights={**RECIPES["shapes-verdict"].stages[0].loss_weights, "itm_caption": 1})])
